@@ -1,0 +1,78 @@
+"""The adapter interface every dataset module implements.
+
+An adapter is a map-style ``torch.utils.data.Dataset`` over one split of one dataset found under
+``root``. ``dataset[i]`` returns a :class:`Sample` with the label already in the adapter's
+:class:`~ldnbench.data.labels.LabelSpace`.
+
+Instances follow one convention for every dataset: ``instances`` is an int32 HxW map where 0 means
+"no instance" and every other value identifies one object within that image; the object's class
+is the ground-truth label at its pixels. (Cityscapes' ``instanceIds`` values below 1000 become 0.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch.utils.data
+
+from ldnbench.data.labels import LabelSpace
+
+
+@dataclass
+class Sample:
+    image: np.ndarray               #: HxWx3 uint8 RGB
+    label: np.ndarray               #: HxW uint8 class indices, 255 = ignore
+    id: str                         #: stable key, e.g. Cityscapes' ``city_seq_frame``
+    instances: np.ndarray | None = None  #: HxW int32, 0 = none (see module docstring)
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """Where one sample lives on disk (used by ``score`` and ``datasets check``)."""
+
+    id: str
+    image: Path
+    label: Path | None
+    instances: Path | None = None
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Base class of the dataset adapters.
+
+    Subclasses set the class attributes, find their files in ``__init__`` (raising
+    :class:`~ldnbench.errors.UserError` naming the expected glob on a wrong root) and implement
+    :meth:`load_target` (label + instances of sample ``i``).
+    """
+
+    name: ClassVar[str]
+    splits: ClassVar[tuple[str, ...]]
+    #: Folder layout expected below ``root``, shown by ``ldnbench datasets``.
+    layout: ClassVar[str] = ""
+    #: Random-crop size of the paper's training recipe for this dataset.
+    crop_size: ClassVar[int] = 768
+
+    label_space: LabelSpace
+    files: list[SampleFiles]
+
+    def __init__(self, root: str | Path, split: str):
+        self.root = Path(root)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_image(self, i: int) -> np.ndarray:
+        from ldnbench.data.io import read_rgb
+
+        return read_rgb(self.files[i].image)
+
+    def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(label HxW uint8 in ``label_space``, instances HxW int32 or None) of sample ``i``."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Sample:
+        label, instances = self.load_target(i)
+        return Sample(self.load_image(i), label, self.files[i].id, instances)

@@ -1,0 +1,1 @@
+"""Result records, tables and figures."""
