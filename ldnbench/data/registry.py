@@ -1,0 +1,27 @@
+"""The dataset registry: a plain dict from adapter name to adapter class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldnbench.data.base import SegDataset
+from ldnbench.errors import UserError
+
+# One line per adapter module (imports are light: adapters find files only when instantiated).
+DATASETS: dict[str, type[SegDataset]] = {}
+
+
+def default_root(name: str) -> Path:
+    """``./datasets/<name>``: where a dataset is looked for when no ``--root`` is given."""
+    return Path("datasets") / name
+
+
+def get_dataset(name: str, root: str | Path | None = None, split: str = "train", **options) -> SegDataset:
+    """Instantiate adapter ``name`` on ``root`` (default ``./datasets/<name>``) for ``split``."""
+    try:
+        cls = DATASETS[name]
+    except KeyError:
+        raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}", 2) from None
+    if split not in cls.splits:
+        raise UserError(f"dataset {name!r} has no split {split!r}; choose one of: {', '.join(cls.splits)}", 2)
+    return cls(root if root is not None else default_root(name), split, **options)
