@@ -22,3 +22,20 @@ def _decode(path: Path, mode: ImageReadMode) -> torch.Tensor:
 def read_rgb(path: str | Path) -> np.ndarray:
     """HxWx3 uint8 RGB."""
     return _decode(Path(path), ImageReadMode.RGB).permute(1, 2, 0).numpy()
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """HxW uint8 of a single-channel label PNG: grey values, or palette indices of a 'P' PNG (never colours)."""
+    t = _decode(Path(path), ImageReadMode.UNCHANGED)
+    if t.shape[0] != 1 or t.dtype != torch.uint8:
+        raise UserError(f"label file {path} has {t.shape[0]} channel(s) of {t.dtype}; expected one 8-bit channel "
+                        "(class ids or palette indices)")
+    return t[0].numpy()
+
+
+def read_png16(path: str | Path) -> np.ndarray:
+    """HxW int32 of a 16-bit (or 8-bit) single-channel PNG, e.g. Cityscapes/KITTI/Vistas instance maps."""
+    t = _decode(Path(path), ImageReadMode.UNCHANGED)
+    if t.shape[0] != 1:
+        raise UserError(f"instance file {path} has {t.shape[0]} channels; expected one 16-bit channel")
+    return t[0].to(torch.int32).numpy()

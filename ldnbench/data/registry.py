@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ldnbench.data.base import SegDataset
+from ldnbench.data.camvid import CamVid
+from ldnbench.data.cityscapes import Cityscapes
 from ldnbench.errors import UserError
 
 # One line per adapter module (imports are light: adapters find files only when instantiated).
-DATASETS: dict[str, type[SegDataset]] = {}
+DATASETS: dict[str, type[SegDataset]] = {
+    "cityscapes": Cityscapes,
+    "camvid": CamVid,
+}
 
 
 def default_root(name: str) -> Path:

@@ -1,0 +1,88 @@
+"""Cityscapes (fine annotations), as unzipped from ``leftImg8bit_trainvaltest.zip`` + ``gtFine_trainvaltest.zip``.
+
+Labels are ``*_gtFine_labelIds.png`` (label ids 0..33) mapped to the 19 train ids with a table built
+from cityscapesscripts' ``labels``; ``*_gtFine_labelTrainIds.png`` (made by
+``csCreateTrainIdLabelImgs``) is used instead when present. Instances come from the 16-bit
+``*_gtFine_instanceIds.png`` (``id*1000+k`` for objects; values below 1000 are groups/stuff -> 0).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from ldnbench.data.layout import index, lut, not_found, pair, remap, require_paired
+from ldnbench.data.base import SegDataset
+from ldnbench.data.io import read_label, read_png16
+from ldnbench.data.labels import IGNORE, get_label_space
+from ldnbench.errors import UserError
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+TRAINID_SUFFIX = "_gtFine_labelTrainIds.png"
+INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
+
+
+@cache
+def labelid_to_trainid() -> np.ndarray:
+    """Remap table Cityscapes label id (0..33) -> train id (255 = ignore), from cityscapesscripts."""
+    from cityscapesscripts.helpers.labels import labels
+
+    return lut({l.id: (l.trainId if 0 <= l.trainId < IGNORE else IGNORE) for l in labels if l.id >= 0})
+
+
+@cache
+def trainid_identity() -> np.ndarray:
+    n = get_label_space("cityscapes19").num_classes
+    return lut({**{i: i for i in range(n)}, IGNORE: IGNORE})
+
+
+def decode_labelids(path: Path) -> np.ndarray:
+    """A Cityscapes-labelIds PNG (Cityscapes, KITTI ``semantic/``, WildDash v1) as train ids."""
+    return remap(read_label(path), labelid_to_trainid(), path, "Cityscapes label ids 0..33")
+
+
+def decode_label(path: Path) -> np.ndarray:
+    """``*_labelTrainIds.png`` is already in train ids; anything else is label ids."""
+    if path.name.endswith("TrainIds.png"):
+        return remap(read_label(path), trainid_identity(), path, "Cityscapes train ids 0..18/255")
+    return decode_labelids(path)
+
+
+def decode_instanceids(path: Path) -> np.ndarray:
+    """Cityscapes instanceIds (16-bit PNG) -> instance map with 0 = no instance (values < 1000)."""
+    v = read_png16(path)
+    return np.where(v >= 1000, v, 0).astype(np.int32)
+
+
+class Cityscapes(SegDataset):
+    """Cityscapes fine: ``train`` 2975, ``val`` 500, ``test`` 1525 (test labels are dummies)."""
+
+    name = "cityscapes"
+    label_space_name = "cityscapes19"
+    splits = ("train", "val", "test")
+    layout = "leftImg8bit/{split}/*/*_leftImg8bit.png + gtFine/{split}/*/*_gtFine_labelIds.png"
+    crop_size = 768
+
+    def __init__(self, root: str | Path, split: str = "train", *, strict: bool = True):
+        super().__init__(root, split)
+        self.label_space = get_label_space(self.label_space_name)
+        pattern = f"leftImg8bit/{split}/*/*{IMAGE_SUFFIX}"
+        images = index(sorted(self.root.glob(pattern)), IMAGE_SUFFIX)
+        if not images:
+            raise not_found(self.name, self.root, pattern,
+                                   "point --root at the folder holding leftImg8bit/ and gtFine/")
+        gt = sorted(self.root.glob(f"gtFine/{split}/*/*_gtFine_*.png"))
+        labels = index(gt, LABEL_SUFFIX)
+        labels.update(index(gt, TRAINID_SUFFIX))  # prefer train ids when both exist
+        self.files, self.unpaired = pair(images, labels, index(gt, INSTANCE_SUFFIX))
+        require_paired(self.name, self.unpaired, strict)
+
+    def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        f = self.files[i]
+        if f.label is None:
+            raise UserError(f"{self.name} sample {f.id} has no label file")
+        inst = decode_instanceids(f.instances) if f.instances is not None else None
+        return decode_label(f.label), inst
