@@ -90,9 +90,16 @@ def _cityscapes19() -> LabelSpace:
     )
 
 
+def _camvid11() -> LabelSpace:
+    from ldnbench.data.camvid import camvid11
+
+    return camvid11()
+
+
 #: Builders of the built-in label spaces (a plain registry: name -> zero-argument builder).
 LABEL_SPACES = {
     "cityscapes19": _cityscapes19,
+    "camvid11": _camvid11,
 }
 
 
