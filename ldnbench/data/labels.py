@@ -112,3 +112,56 @@ def get_label_space(name: str) -> LabelSpace:
     except KeyError:
         raise UserError(f"unknown label space {name!r}; known: {', '.join(sorted(LABEL_SPACES))}", 2) from None
     return builder()
+
+
+@dataclass(frozen=True)
+class LabelMapping:
+    """How predictions in space ``src`` become predictions in space ``dst``.
+
+    ``index is None`` means identity; otherwise dst class ``j`` is src logit ``index[j]`` (the
+    remaining src classes are dropped, so argmax picks among the dst classes only).
+    """
+
+    src: str
+    dst: str
+    index: tuple[int, ...] | None = None
+
+    def logits(self, logits):
+        """NxC_src x H x W (or C_src x H x W) tensor -> the same in the dst space."""
+        if self.index is None:
+            return logits
+        import torch
+
+        dim = 1 if logits.dim() == 4 else 0
+        return logits.index_select(dim, torch.as_tensor(self.index, device=logits.device))
+
+
+def _namespaces(space: LabelSpace) -> dict[str, dict[str, int]]:
+    """Class names grouped by namespace: ``"cs:road"`` is ``road`` in namespace ``cs`` ("" = no prefix)."""
+    out: dict[str, dict[str, int]] = {}
+    for i, name in enumerate(space.classes):
+        ns, _, base = name.rpartition(":")
+        out.setdefault(ns, {})[base] = i
+    return out
+
+
+def get_mapping(src: str | LabelSpace, dst: str | LabelSpace) -> LabelMapping:
+    """The mapping from label space ``src`` to ``dst``.
+
+    Identity for equal spaces; a subset of logits when every dst class is a src class by name, all
+    from one namespace (rob39's ``cs:road`` ... serve cityscapes19's ``road`` ...). Anything else
+    raises a UserError naming both spaces.
+    """
+    from ldnbench.errors import UserError
+
+    src = get_label_space(src) if isinstance(src, str) else src
+    dst = get_label_space(dst) if isinstance(dst, str) else dst
+    if src.classes == dst.classes:
+        return LabelMapping(src.name, dst.name)
+    for names in _namespaces(src).values():
+        if all(c in names for c in dst.classes):
+            return LabelMapping(src.name, dst.name, tuple(names[c] for c in dst.classes))
+    missing = [c for c in dst.classes if c not in src.classes][:5]
+    raise UserError(f"no label mapping from {src.name} ({src.num_classes} classes) to {dst.name} "
+                    f"({dst.num_classes} classes): {', '.join(missing)} ... have no counterpart in {src.name}; "
+                    "evaluate on a dataset in the model's label space or train in a space that contains it")
