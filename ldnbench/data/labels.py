@@ -96,10 +96,17 @@ def _camvid11() -> LabelSpace:
     return camvid11()
 
 
+def _voc21() -> LabelSpace:
+    from ldnbench.data.voc import voc21
+
+    return voc21()
+
+
 #: Builders of the built-in label spaces (a plain registry: name -> zero-argument builder).
 LABEL_SPACES = {
     "cityscapes19": _cityscapes19,
     "camvid11": _camvid11,
+    "voc21": _voc21,
 }
 
 

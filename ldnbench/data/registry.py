@@ -7,12 +7,15 @@ from pathlib import Path
 from ldnbench.data.base import SegDataset
 from ldnbench.data.camvid import CamVid
 from ldnbench.data.cityscapes import Cityscapes
+from ldnbench.data.voc import VOC, VOCAug
 from ldnbench.errors import UserError
 
 # One line per adapter module (imports are light: adapters find files only when instantiated).
 DATASETS: dict[str, type[SegDataset]] = {
     "cityscapes": Cityscapes,
     "camvid": CamVid,
+    "voc": VOC,
+    "voc-aug": VOCAug,
 }
 
 
