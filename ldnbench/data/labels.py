@@ -102,11 +102,18 @@ def _voc21() -> LabelSpace:
     return voc21()
 
 
+def _scannet20() -> LabelSpace:
+    from ldnbench.data.scannet import scannet20
+
+    return scannet20()
+
+
 #: Builders of the built-in label spaces (a plain registry: name -> zero-argument builder).
 LABEL_SPACES = {
     "cityscapes19": _cityscapes19,
     "camvid11": _camvid11,
     "voc21": _voc21,
+    "scannet20": _scannet20,
 }
 
 
