@@ -7,13 +7,19 @@ from pathlib import Path
 from ldnbench.data.base import SegDataset
 from ldnbench.data.camvid import CamVid
 from ldnbench.data.cityscapes import Cityscapes
+from ldnbench.data.kitti import Kitti
 from ldnbench.data.scannet import ScanNet
 from ldnbench.data.voc import VOC, VOCAug
+from ldnbench.data.vistas import Vistas
+from ldnbench.data.wilddash import WildDash
 from ldnbench.errors import UserError
 
 # One line per adapter module (imports are light: adapters find files only when instantiated).
 DATASETS: dict[str, type[SegDataset]] = {
     "cityscapes": Cityscapes,
+    "vistas": Vistas,
+    "kitti": Kitti,
+    "wilddash": WildDash,
     "camvid": CamVid,
     "voc": VOC,
     "voc-aug": VOCAug,
