@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ldnbench.data.labels import LabelSpace, get_label_space
+from ldnbench.errors import UserError
+from ldnbench.metrics import SegMetrics
+
+TINY = LabelSpace("tiny3", ("a", "b", "c"), ((0, 0, 0), (1, 1, 1), (2, 2, 2)))
+
+
+def _random(seed: int, n: int = 3, h: int = 32, w: int = 48):
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, 19, size=(n, h, w)).astype(np.uint8)
+    gt[rng.random((n, h, w)) < 0.1] = 255
+    pred = np.where(rng.random((n, h, w)) < 0.5, gt, rng.integers(0, 19, size=(n, h, w))).astype(np.uint8)
+    pred[pred == 255] = 3
+    inst = np.zeros((n, h, w), np.int32)
+    for i in range(n):
+        for k in range(6):
+            y, x = rng.integers(0, h - 6), rng.integers(0, w - 6)
+            inst[i, y:y + 6, x:x + 5] = 1 + k
+            gt[i, y:y + 6, x:x + 5] = rng.choice([11, 12, 13, 18])
+    return pred, gt, inst
+
+
+def test_hand_computed_values():
+    gt = np.array([[0, 0, 1, 1], [2, 2, 255, 255]], np.uint8)
+    pred = np.array([[0, 1, 1, 1], [0, 255, 2, 0]], np.uint8)
+    m = SegMetrics(TINY)
+    m.update(pred, gt)
+    r = m.compute()
+    # a: tp 1, fn 1 (pred b), fp 1 (gt c predicted a; the ignored pixel predicted a does not count)
+    assert r.class_iou == {"a": 1 / 3, "b": 2 / 3, "c": 0.0}
+    assert r.miou == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    assert r.pixel_acc == pytest.approx(3 / 6)
+    assert r.mean_acc == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert r.fwiou == pytest.approx(2 / 6 * 1 / 3 + 2 / 6 * 2 / 3)
+    d = r.to_dict()
+    assert set(d) == {"miou", "iiou", "cat_iou", "cat_iiou", "class_iou", "class_iiou", "category_iou",
+                      "category_iiou", "pixel_acc", "mean_acc", "fwiou", "num_images"}
+    assert d["iiou"] is None and d["class_iiou"] == {} and d["num_images"] == 1
+
+
+def test_absent_class_is_nan_and_excluded_from_mean():
+    m = SegMetrics(TINY)
+    m.update(np.array([[0, 1]]), np.array([[0, 1]]))
+    r = m.compute()
+    assert math.isnan(r.class_iou["c"]) and r.miou == 1.0
+    assert r.to_dict()["class_iou"]["c"] is None
+    # predicted but absent from the ground truth: IoU 0, which does lower the mean
+    m.update(np.array([[2, 1]]), np.array([[0, 1]]))
+    r = m.compute()
+    assert r.class_iou["c"] == 0.0 and r.miou == pytest.approx((1 / 2 + 1 + 0) / 3)
+
+
+def test_numpy_torch_batched_and_merged_are_identical():
+    pred, gt, inst = _random(0)
+    space = get_label_space("cityscapes19")
+    a = SegMetrics(space)
+    a.update(pred, gt, inst)
+    b = SegMetrics(space)
+    for i in range(len(gt)):
+        b.update(torch.from_numpy(pred[i]).long(), torch.from_numpy(gt[i]), torch.from_numpy(inst[i]))
+    c, d = SegMetrics(space), SegMetrics(space)
+    c.update(pred[:1], gt[:1], inst[:1])
+    d.update(pred[1:], gt[1:], inst[1:])
+    c.merge(d)
+    ra, rb, rc = a.compute(), b.compute(), c.compute()
+    assert ra.num_images == rb.num_images == rc.num_images == 3
+    assert np.array_equal(ra.confusion, rb.confusion) and np.array_equal(ra.confusion, rc.confusion)
+    for r in (rb, rc):
+        assert r.class_iiou == pytest.approx(ra.class_iiou, abs=1e-12, nan_ok=True)
+        assert r.category_iiou == pytest.approx(ra.category_iiou, abs=1e-12, nan_ok=True)
+    assert not math.isnan(ra.iiou)
+    m = SegMetrics(space)
+    m.update(pred, gt, inst)
+    m.reset()
+    assert m.compute().num_images == 0 and math.isnan(m.compute().miou)
+
+
+def test_instance_ids_are_arbitrary_labels_per_image():
+    """Huge ids (compacted internally) and relabelled ids give the same iIoU."""
+    pred, gt, inst = _random(1)
+    space = get_label_space("cityscapes19")
+    a, b = SegMetrics(space), SegMetrics(space)
+    a.update(pred, gt, inst)
+    big = np.where(inst > 0, inst * 7_000_003 + 1_000_000_000, 0).astype(np.int64)
+    b.update(pred, gt, big)
+    assert b.compute().class_iiou == pytest.approx(a.compute().class_iiou, abs=1e-12, nan_ok=True)
+
+
+def test_iiou_weighting_by_average_size():
+    space = get_label_space("cityscapes19")
+    car = space.index("car")
+    gt = np.zeros((10, 10), np.uint8)
+    gt[:2, :5] = car                        # instance 1: 10 px, 6 right
+    gt[5:, 5:] = car                        # instance 2: 25 px, all wrong (predicted truck)
+    inst = np.zeros((10, 10), np.int32)
+    inst[:2, :5], inst[5:, 5:] = 1, 2
+    pred = np.zeros_like(gt)
+    pred[:2, :3] = car
+    pred[0, 3:5] = car
+    pred[5:, 5:] = space.index("truck")
+    m = SegMetrics(space)
+    m.update(pred, gt, inst)
+    r = m.compute()
+    s = space.avg_instance_size[car]
+    tp_w, fn_w = 8 * s / 10, 2 * s / 10 + 25 * s / 25
+    assert r.class_iiou["car"] == pytest.approx(tp_w / (tp_w + fn_w))
+    assert r.class_iou["car"] == pytest.approx(8 / 35)
+    # the truck prediction is still a vehicle: only the 2 road pixels of instance 1 are category misses
+    assert r.category_iiou["vehicle"] == pytest.approx((8 * s / 10 + s) / (s + s))
+
+
+def test_missing_instances_make_iiou_undefined():
+    pred, gt, inst = _random(2)
+    m = SegMetrics(get_label_space("cityscapes19"))
+    m.update(pred[0], gt[0], inst[0])
+    m.update(pred[1], gt[1])
+    r = m.compute()
+    assert math.isnan(r.iiou) and r.to_dict()["class_iiou"]["car"] is None
+    assert not math.isnan(r.miou)
+
+
+@pytest.mark.parametrize("bad_gt, bad_pred, fragment", [
+    ([[0, 7]], [[0, 1]], "ground truth has values 7"),
+    ([[0, 1]], [[0, 3]], "prediction has values 3"),
+    ([[0, 1]], [[0, -4]], "prediction has values -4"),
+    ([[0, 300]], [[0, 1]], "ground truth has values 300"),
+])
+def test_values_outside_the_space_are_named(bad_gt, bad_pred, fragment):
+    m = SegMetrics(TINY)
+    with pytest.raises(UserError, match=fragment):
+        m.update(np.array(bad_pred), np.array(bad_gt))
+    assert m.compute().num_images == 0  # nothing was half-added
+
+
+def test_shape_and_dtype_errors():
+    m = SegMetrics(TINY)
+    with pytest.raises(UserError, match="shape"):
+        m.update(np.zeros((2, 3), np.uint8), np.zeros((3, 2), np.uint8))
+    with pytest.raises(UserError, match="integer"):
+        m.update(np.zeros((2, 2), np.float32), np.zeros((2, 2), np.uint8))
+
+
+def test_format_table_percent_one_decimal():
+    pred, gt, inst = _random(3)
+    m = SegMetrics(get_label_space("cityscapes19"))
+    m.update(pred, gt, inst)
+    r = m.compute()
+    text = r.format_table()
+    assert f"{100 * r.class_iou['road']:.1f}" in text and "vehicle" in text
