@@ -108,12 +108,19 @@ def _scannet20() -> LabelSpace:
     return scannet20()
 
 
+def _rob39() -> LabelSpace:
+    from ldnbench.data.rob2018 import rob39
+
+    return rob39()
+
+
 #: Builders of the built-in label spaces (a plain registry: name -> zero-argument builder).
 LABEL_SPACES = {
     "cityscapes19": _cityscapes19,
     "camvid11": _camvid11,
     "voc21": _voc21,
     "scannet20": _scannet20,
+    "rob39": _rob39,
 }
 
 

@@ -8,6 +8,7 @@ from ldnbench.data.base import SegDataset
 from ldnbench.data.camvid import CamVid
 from ldnbench.data.cityscapes import Cityscapes
 from ldnbench.data.kitti import Kitti
+from ldnbench.data.rob2018 import Rob2018
 from ldnbench.data.scannet import ScanNet
 from ldnbench.data.voc import VOC, VOCAug
 from ldnbench.data.vistas import Vistas
@@ -24,6 +25,7 @@ DATASETS: dict[str, type[SegDataset]] = {
     "voc": VOC,
     "voc-aug": VOCAug,
     "scannet": ScanNet,
+    "rob2018": Rob2018,
 }
 
 

@@ -1,0 +1,127 @@
+"""ROB 2018 (Robust Vision Challenge): Cityscapes + KITTI + WildDash v1 + ScanNet in one 39-class space.
+
+``rob39`` = the 19 Cityscapes train classes (``cs:road`` ... indices 0..18) followed by the 20 ScanNet
+benchmark classes (``scannet:wall`` ... indices 19..38), the compact form of the ROB devkit's joint
+label-id space (DATASETS.md §7.3) and the paper's "at least 39 classes: 19 from Cityscapes and 20 from
+ScanNet". The adapter composes the four dataset adapters and shifts ScanNet's classes by 19;
+sample ids are prefixed by the source (``cityscapes_aachen_000000_000019``, ``scannet_scene0000_00_000000``).
+
+Root layout (each part as its own adapter expects it; every part root can be overridden with the
+``cityscapes_root``/``kitti_root``/``wilddash_root``/``scannet_root`` options)::
+
+    <root>/cityscapes/   leftImg8bit/ + gtFine/
+    <root>/kitti/        training/{image_2,semantic,instance}/
+    <root>/wilddash/     wd_val_01/
+    <root>/scannet/      [scannet_frames_25k/]scene*/ + scannetv2_{train,val}.txt
+
+Splits (the part splits in :data:`PART_SPLITS`): ``trainval`` is the paper's ROB_LDN training set
+(Cityscapes train+val, all 200 KITTI frames, WildDash val, ScanNet train+val); ``train``/``val`` hold
+out Cityscapes val, ldnbench's fixed KITTI val and ScanNet val. WildDash v1 has only 70 labelled frames,
+all used for training, so ``val`` has no WildDash part.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ldnbench.data.base import SampleFiles, SegDataset
+from ldnbench.data.labels import IGNORE, LabelSpace, get_label_space
+from ldnbench.errors import UserError
+
+PARTS = ("cityscapes", "kitti", "wilddash", "scannet")
+
+#: rob2018 split -> {part: the part's split(s)}.
+PART_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "train": {"cityscapes": ("train",), "kitti": ("train",), "wilddash": ("val",), "scannet": ("train",)},
+    "val": {"cityscapes": ("val",), "kitti": ("val",), "scannet": ("val",)},
+    "trainval": {"cityscapes": ("train", "val"), "kitti": ("trainval",), "wilddash": ("val",),
+                 "scannet": ("train", "val")},
+}
+
+#: Label space of each part and the rob39 index of its class 0.
+PART_SPACE = {"cityscapes": "cityscapes19", "kitti": "cityscapes19", "wilddash": "cityscapes19", "scannet": "scannet20"}
+
+
+def rob39() -> LabelSpace:
+    """19 Cityscapes classes (``cs:`` prefix) then 20 ScanNet classes (``scannet:`` prefix)."""
+    cs, sn = get_label_space("cityscapes19"), get_label_space("scannet20")
+    return LabelSpace(
+        name="rob39",
+        classes=tuple(f"cs:{c}" for c in cs.classes) + tuple(f"scannet:{c}" for c in sn.classes),
+        colors=cs.colors + sn.colors,
+        instance_classes=cs.instance_classes,
+        avg_instance_size=tuple(cs.avg_instance_size or (math.nan,) * cs.num_classes) + (math.nan,) * sn.num_classes,
+    )
+
+
+def offset_of(space: str) -> int:
+    """rob39 index of class 0 of ``space`` (cityscapes19 or scannet20)."""
+    return {"cityscapes19": 0, "scannet20": get_label_space("cityscapes19").num_classes}[space]
+
+
+def to_rob39_table(space: str) -> np.ndarray:
+    """uint8 lookup table: label in ``space`` -> rob39 index (255 stays 255)."""
+    n = get_label_space(space).num_classes
+    table = np.full(256, IGNORE, np.uint8)
+    table[:n] = np.arange(n) + offset_of(space)
+    return table
+
+
+class Rob2018(SegDataset):
+    name = "rob2018"
+    splits = ("train", "val", "trainval")
+    layout = "cityscapes/ + kitti/ + wilddash/ + scannet/ (each laid out as its own adapter expects)"
+    crop_size = 768  # road-driving frames dominate; the paper's Cityscapes/WildDash crop
+
+    def __init__(self, root: str | Path, split: str = "trainval", *, parts: tuple[str, ...] | str = PARTS,
+                 cityscapes_root: str | Path | None = None, kitti_root: str | Path | None = None,
+                 wilddash_root: str | Path | None = None, scannet_root: str | Path | None = None,
+                 strict: bool = True):
+        from ldnbench.data.registry import DATASETS  # the registry imports this module
+
+        super().__init__(root, split)
+        if split not in self.splits:
+            raise UserError(f"{self.name} has no split {split!r}; choose one of: {', '.join(self.splits)}", 2)
+        parts = tuple(p.strip() for p in parts.split(",")) if isinstance(parts, str) else tuple(parts)
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown or not parts:
+            raise UserError(f"unknown rob2018 part(s) {unknown}; choose among: {', '.join(PARTS)}", 2)
+        self.label_space = rob39()
+        roots = {"cityscapes": cityscapes_root, "kitti": kitti_root, "wilddash": wilddash_root,
+                 "scannet": scannet_root}
+        self.parts: list[tuple[str, SegDataset, np.ndarray]] = []
+        self.files, self.unpaired = [], []
+        self._where: list[tuple[int, int]] = []  # sample i -> (part number, index in the part)
+        for part in PARTS:
+            if part not in parts:
+                continue
+            part_root = Path(roots[part]) if roots[part] is not None else self.root / part
+            table = to_rob39_table(PART_SPACE[part])
+            for part_split in PART_SPLITS[split].get(part, ()):
+                try:
+                    ds = DATASETS[part](part_root, part_split, strict=strict)
+                except UserError as e:
+                    raise UserError(f"rob2018 part {part!r} ({part_split}): {e} (use the {part}_root option for "
+                                    f"another location, or parts=... to leave it out)", e.exit_code) from None
+                k = len(self.parts)
+                self.parts.append((part, ds, table))
+                self.files += [SampleFiles(f"{part}_{f.id}", f.image, f.label, f.instances) for f in ds.files]
+                self._where += [(k, j) for j in range(len(ds))]
+                self.unpaired += getattr(ds, "unpaired", [])
+
+    def source(self, i: int) -> str:
+        """The dataset sample ``i`` comes from (``cityscapes``, ``kitti``, ``wilddash`` or ``scannet``)."""
+        return self.parts[self._where[i][0]][0]
+
+    def load_image(self, i: int) -> np.ndarray:
+        k, j = self._where[i]
+        return self.parts[k][1].load_image(j)
+
+    def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        k, j = self._where[i]
+        _, ds, table = self.parts[k]
+        label, instances = ds.load_target(j)
+        return table[label], instances
