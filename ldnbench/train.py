@@ -1,0 +1,830 @@
+"""The paper's training recipe (section 5.1) for any model of the zoo on any dataset adapter.
+
+``train(TrainConfig(...))`` runs in one process, or in every process of a ``torchrun`` launch:
+the process group is created from torchrun's environment, each process trains on its slice of
+every global batch under DistributedDataParallel (SyncBatchNorm on CUDA), and only rank 0 writes
+files. ``launch(config, nproc)`` starts such a run on this machine.
+
+Determinism and resumption: the sample order of epoch ``e`` is a permutation seeded by
+``(seed, e)`` and the augmentation of sample ``i`` in epoch ``e`` uses a generator seeded by
+``(seed, e, i)``, so neither depends on the number of DataLoader workers, and a resumed run skips
+the already-consumed batches without reading them. ``last.pt`` also holds the model, optimizer,
+scheduler, RNG states and the position within the epoch, so a run killed at any point and
+resumed with the same options ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ldnbench.errors import UserError
+from ldnbench.fileio import atomic_torch_save, atomic_write_json
+from ldnbench.losses import SegLoss
+
+#: Iteration key of the pass that recomputes BatchNorm statistics (its crops differ from every epoch's).
+_BN_EPOCH_KEY = 2**31 - 1
+
+# Per-dataset presets of the paper (section 5): the values that differ from the defaults of
+# :class:`TrainConfig`. ``crop`` comes from each adapter's ``crop_size`` (448/512/768). CamVid's
+# epoch count depends on initialisation (400 ImageNet / 800 random), VOC is trained in two runs:
+# 100 epochs on ``voc-aug`` then 100 on ``voc`` started from the first (``init``), both with the
+# pretrained weights at lr/8.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cityscapes": {"epochs": 300},
+    "camvid": {"epochs": 400, "epochs_random_init": 800, "val_split": "test"},
+    "voc-aug": {"epochs": 100, "backbone_lr_div": 8.0},
+    "voc": {"epochs": 100, "backbone_lr_div": 8.0},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; defaults are the paper's Cityscapes recipe.
+
+    ``batch_size`` is the global batch over all processes. ``crop=None`` takes the adapter's
+    ``crop_size``. ``pretrained`` is ``imagenet``, ``none`` or a path to a torchvision-format state
+    dict; only pretrained backbone parameters get ``lr / backbone_lr_div``. ``ckpt`` is the
+    gradient-checkpointing policy (None: the model's training default). ``amp``: ``none``,
+    ``bf16`` or ``fp16`` (CUDA only). ``val_every`` (epochs, 0 = only at the end) and
+    ``save_every`` (iterations; ``last.pt`` is also written after every epoch) set the periodic
+    work; ``max_iters`` stops early (smoke runs). ``init`` starts from the model weights of a
+    checkpoint (VOC's second stage).
+    """
+
+    model: str
+    dataset: str
+    root: str | None = None
+    out: str | None = None  # default results/<model>-<dataset>
+    split: str = "train"
+    val_split: str | None = "val"
+    epochs: int = 300
+    batch_size: int = 16
+    crop: int | None = None
+    scale: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    pad: bool = True
+    lr: float = 4e-4
+    min_lr: float = 0.0
+    backbone_lr_div: float = 4.0
+    weight_decay: float = 0.0
+    main_weight: float = 0.6
+    aux_weight: float = 0.4
+    pretrained: str = "imagenet"
+    init: str | None = None
+    ckpt: str | None = None
+    amp: str = "none"
+    recompute_bn: bool = True
+    val_every: int = 10
+    val_limit: int | None = None
+    save_every: int = 500
+    max_iters: int | None = None
+    seed: int = 0
+    workers: int = 4
+    device: str = "auto"
+    resume: bool = False
+    model_options: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    @classmethod
+    def preset(cls, model: str, dataset: str, **overrides: Any) -> "TrainConfig":
+        """The paper's recipe for ``dataset`` (see :data:`PRESETS`); ``overrides`` that are not None win."""
+        values = dict(PRESETS.get(dataset, {}))
+        random_init_epochs = values.pop("epochs_random_init", None)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if random_init_epochs and str(given.get("pretrained", "imagenet")).lower() == "none":
+            values["epochs"] = random_init_epochs
+        values.update(given)
+        return cls(model=model, dataset=dataset, **values)
+
+    @property
+    def is_pretrained(self) -> bool:
+        return str(self.pretrained).lower() != "none"
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("results") / f"{self.model}-{self.dataset}"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    record_path: Path
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    epochs: int  #: completed epochs
+    iterations: int
+    final_metrics: dict[str, Any] | None
+    best_miou: float | None
+    history: list[dict[str, Any]]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def _mix_seed(*values: int) -> int:
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
+
+
+class EpochBatchSampler:
+    """Batches of ``(epoch, index)`` keys for one process.
+
+    Epoch ``e`` visits a permutation seeded by ``(seed, e)``, repeated cyclically to fill the last
+    global batch (as the authors' reader oversamples). Process ``rank`` of ``world`` gets its
+    contiguous slice of each global batch, so the union over processes is the single-process batch.
+    ``set_epoch(e, start)`` skips the first ``start`` batches (resumption). With ``cycle=False``
+    every sample is visited exactly once and the last batch may be short (BN recomputation).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, cycle: bool = True):
+        if n < 1:
+            raise UserError("the training split is empty", 1)
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.cycle = n, batch_size, seed, rank, world, cycle
+        self.epoch, self.start = 0, 0
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
+        perm = torch.randperm(self.n, generator=g)
+        total = self.num_batches * self.batch_size if self.cycle else self.n
+        perm = perm.repeat(math.ceil(total / self.n))[:total].tolist()
+        for b in range(self.start, self.num_batches):
+            batch = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            per = math.ceil(len(batch) / self.world)
+            mine = batch[self.rank * per:(self.rank + 1) * per]
+            yield [(self.epoch, i) for i in mine]
+
+
+class SeededTrainSet(torch.utils.data.Dataset):
+    """``dataset[i]`` through ``transform`` with a generator seeded by ``(seed, epoch, i)``."""
+
+    def __init__(self, dataset, transform, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, i))
+        return self.transform(self.dataset[i], generator=g)
+
+
+def _loader(dataset, sampler: EpochBatchSampler, workers: int, pin: bool):
+    from ldnbench.data.transforms import collate
+
+    # A private generator keeps the DataLoader from drawing on the global RNG (which the
+    # checkpoint restores) when it creates an iterator.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_skip_empty(collate),
+                                       pin_memory=pin, generator=torch.Generator())
+
+
+class _skip_empty:
+    """collate that tolerates the empty slice a process may get in the short last BN batch."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, batch):
+        return self.collate(batch) if batch else None
+
+
+def _head(dataset, n: int | None):
+    """The first ``n`` samples of an adapter (its ``files`` list is what defines its length)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    head = copy.copy(dataset)
+    head.files = dataset.files[:n]
+    return head
+
+
+# --- RNG state as checkpoint-safe plain types -----------------------------------------------------
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+# --- distributed ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    created: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def _setup_distributed(device: str) -> _Dist:
+    """Join the process group torchrun describes in the environment (if any)."""
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), created=True)
+
+
+def _resolve_device(name: str, d: _Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("device 'cuda' requested but CUDA is not available; use --device cpu", 2)
+        return torch.device("cuda", d.local_rank) if name == "cuda" else torch.device(name)
+    if name != "cpu":
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N", 2)
+    return torch.device("cpu")
+
+
+# --- BatchNorm statistics -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor | None], device: torch.device,
+                       autocast=nullcontext) -> int:
+    """Set every BatchNorm's running mean/var to exact averages over ``batches`` (paper section 5.1).
+
+    The model runs in train mode, as in training (every BN normalises with its batch statistics);
+    each BN's input is accumulated per channel in float64 over all pixels of all batches, and the
+    running mean/var become the mean and the unbiased variance of those inputs: the exact
+    statistics of the training-time activations, independent of how the set is cut into batches.
+    Under torch.distributed the sums are all-reduced, so every process gets the same statistics.
+    Returns the number of images seen (over all processes).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    acc = {bn: torch.zeros(3, bn.num_features, dtype=torch.float64, device=device) for bn in bns}
+
+    def hook(bn, args):
+        x = args[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        a = acc[bn]
+        a[0] += x.sum(dims, dtype=torch.float64)
+        a[1] += x.float().square().sum(dims, dtype=torch.float64)
+        a[2] += x.numel() // x.shape[1]
+
+    handles = [bn.register_forward_pre_hook(hook) for bn in bns]
+    was_training = model.training
+    model.train()
+    images = 0
+    try:
+        for x in batches:
+            if x is None:  # this process's slice of the short last batch is empty
+                continue
+            with autocast():
+                model(x.to(device, non_blocking=True))
+            images += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        flat = torch.cat([acc[bn].view(-1) for bn in bns] + [torch.tensor([images], dtype=torch.float64, device=device)])
+        dist.all_reduce(flat)
+        images = int(flat[-1].item())
+        offset = 0
+        for bn in bns:
+            k = acc[bn].numel()
+            acc[bn] = flat[offset:offset + k].view(3, -1)
+            offset += k
+    for bn in bns:
+        s, sq, n = acc[bn]
+        n = n.clamp_min(2)
+        mean = s / n
+        var = ((sq - n * mean * mean) / (n - 1)).clamp_min(0)
+        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+        bn.running_var.copy_(var.to(bn.running_var.dtype))
+        bn.num_batches_tracked.zero_()
+    return images
+
+
+def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def _autocast_factory(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise UserError(f"unknown --amp mode {cfg.amp!r}; use none, bf16 or fp16", 2)
+    for name in ("epochs", "batch_size", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}", 2)
+    if cfg.crop is not None and cfg.crop < 1:
+        raise UserError(f"--crop must be positive, got {cfg.crop}", 2)
+    if cfg.max_iters is not None and cfg.max_iters < 1:
+        raise UserError(f"--max-iters must be at least 1, got {cfg.max_iters}", 2)
+    if not 0 < cfg.scale[0] <= cfg.scale[1]:
+        raise UserError(f"scale range {cfg.scale} must satisfy 0 < min <= max", 2)
+
+
+def _open_datasets(cfg: TrainConfig, train_set, val_set):
+    from ldnbench.data.registry import DATASETS, default_root, get_dataset
+
+    if train_set is None:
+        if cfg.dataset not in DATASETS:
+            raise UserError(f"unknown dataset {cfg.dataset!r}; known datasets: {', '.join(sorted(DATASETS))}", 2)
+        root = Path(cfg.root) if cfg.root else default_root(cfg.dataset)
+        if not root.is_dir():
+            raise UserError(f"dataset root {root} does not exist; pass --root DIR pointing at the {cfg.dataset} "
+                            f"folder (see `ldnbench datasets`)", 1)
+        train_set = get_dataset(cfg.dataset, root, cfg.split, **cfg.dataset_options)
+        if val_set is None and cfg.val_split:
+            if cfg.val_split in DATASETS[cfg.dataset].splits:
+                val_set = get_dataset(cfg.dataset, root, cfg.val_split, **cfg.dataset_options)
+                if len(val_set) == 0:
+                    val_set = None
+    if len(train_set) == 0:
+        raise UserError(f"the {cfg.split!r} split of {cfg.dataset} under {cfg.root} has no samples", 1)
+    return train_set, _head(val_set, cfg.val_limit) if val_set is not None else None
+
+
+def _check_crop(cfg: TrainConfig, crop: int, train_set) -> None:
+    if cfg.pad:
+        return
+    # Without padding every rescaled image must hold the crop; the first image stands for the set.
+    h, w = train_set[0].image.shape[:2]
+    smallest = cfg.scale[0] * min(h, w)
+    if crop > smallest:
+        raise UserError(f"crop {crop} is larger than the training images ({h}x{w}, {round(smallest)} px on the short "
+                        f"side at scale {cfg.scale[0]}) and padding is disabled; use --crop {int(smallest)} or less, "
+                        f"or allow padding", 2)
+
+
+def _build_model(cfg: TrainConfig, num_classes: int):
+    from ldnbench.models import build_model, resolve_model_name
+
+    name = resolve_model_name(cfg.model)
+    opts = dict(cfg.model_options)
+    if cfg.ckpt is not None:
+        opts["checkpointing"] = cfg.ckpt
+    if cfg.init:
+        # The start checkpoint carries the weights; build its layout without loading ImageNet again.
+        model = build_model(name, num_classes, imagenet_compatible=cfg.is_pretrained, **opts)
+        state = _load_checkpoint(Path(cfg.init))
+        if state.get("num_classes") != num_classes:
+            raise UserError(f"--init checkpoint {cfg.init} has {state.get('num_classes')} classes, the dataset "
+                            f"{num_classes}", 2)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise UserError(f"--init checkpoint {cfg.init} does not fit model {name}: {str(e).splitlines()[0]}", 2) from None
+        return model
+    pretrained = None if not cfg.is_pretrained else cfg.pretrained
+    if pretrained not in (None, "imagenet") and not Path(pretrained).is_file():
+        raise UserError(f"--pretrained {pretrained}: no such file; use imagenet, none or a state-dict path", 2)
+    return build_model(name, num_classes, pretrained=pretrained, **opts)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist", 1)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt/truncated/foreign file: torch raises many types
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"delete it or point elsewhere", 1) from None
+
+
+def _param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
+    if not cfg.is_pretrained:
+        return [{"params": list(model.parameters()), "lr": cfg.lr, "name": "all"}]
+    return [{"params": model.backbone_parameters(), "lr": cfg.lr / cfg.backbone_lr_div, "name": "backbone"},
+            {"params": model.head_parameters(), "lr": cfg.lr, "name": "head"}]
+
+
+def _validate(model, val_set, device, amp: str) -> dict[str, Any]:
+    from ldnbench.evaluate import evaluate
+
+    res = evaluate(model, val_set, device=device, progress=False)
+    metrics = getattr(res, "metrics", res)
+    return metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)
+
+
+def _complexity(model, imagenet_compatible: bool) -> dict[str, Any]:
+    from ldnbench.models import count_params
+
+    out: dict[str, Any] = {"params": count_params(model)}
+    try:
+        from ldnbench.models import model_complexity
+
+        c = model_complexity(model.name, num_classes=model.num_classes, imagenet_compatible=imagenet_compatible)
+        if c.params == out["params"]:  # the zoo's count describes this exact configuration
+            out["gmac_1mpx"] = c.gmac
+    except Exception:  # complexity is informative only; a custom configuration may not be countable
+        pass
+    return out
+
+
+def train(config: TrainConfig, *, train_set=None, val_set=None) -> TrainResult:
+    """Run (or resume) training; returns where everything went and the final metrics.
+
+    ``train_set``/``val_set`` replace the adapters named by ``config`` (any
+    :class:`~ldnbench.data.SegDataset`).
+    """
+    _check_config(config)
+    d = _setup_distributed(config.device)
+    try:
+        return _Run(config, d, train_set, val_set).run()
+    finally:
+        if d.created:
+            dist.destroy_process_group()
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, d: _Dist, train_set, val_set):
+        from ldnbench.data.transforms import TrainTransform
+
+        self.cfg, self.d = cfg, d
+        self.device = _resolve_device(cfg.device, d)
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise UserError("fp16 mixed precision needs CUDA; use --amp bf16 on CPU", 2)
+        if cfg.batch_size % d.world:
+            raise UserError(f"batch size {cfg.batch_size} is not divisible by the {d.world} processes", 2)
+        self.out = cfg.out_dir()
+        self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
+        self.record_path = self.out / "result.json"
+        if self.last_path.exists() and not cfg.resume:
+            raise UserError(f"{self.out} already holds a run (last.pt); pass --resume to continue it or choose "
+                            f"another --out", 2)
+        if cfg.resume and not self.last_path.exists():
+            raise UserError(f"--resume: no checkpoint {self.last_path}; start without --resume", 1)
+        self.train_set, self.val_set = _open_datasets(cfg, train_set, val_set)
+        self.label_space = self.train_set.label_space
+        self.crop = cfg.crop or self.train_set.crop_size
+        _check_crop(cfg, self.crop, self.train_set)
+        torch.manual_seed(cfg.seed)  # identical initialisation in every process
+        self.model = _build_model(cfg, self.label_space.num_classes).to(self.device)
+        torch.manual_seed(_mix_seed(cfg.seed, d.rank, 1))  # per-process stream (dropout)
+        np.random.seed(_mix_seed(cfg.seed, d.rank, 2))
+        random.seed(_mix_seed(cfg.seed, d.rank, 3))
+        self.net: nn.Module = self.model
+        if d.enabled:
+            if self.device.type == "cuda":
+                self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+                self.model = self.net
+            self.net = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(_param_groups(self.model, cfg), lr=cfg.lr, amsgrad=True,
+                                          weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs,
+                                                                    eta_min=cfg.min_lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        self.autocast = _autocast_factory(cfg.amp, self.device)
+        self.loss = SegLoss(self.label_space.num_classes, cfg.main_weight, cfg.aux_weight)
+        self.per_rank = cfg.batch_size // d.world
+        transform = TrainTransform(self.crop, cfg.scale, cfg.flip, cfg.pad)
+        self.data = SeededTrainSet(self.train_set, transform, cfg.seed)
+        self.sampler = EpochBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, d.rank, d.world)
+        self.iters_per_epoch = self.sampler.num_batches
+        total = cfg.epochs * self.iters_per_epoch
+        self.total_iters = min(total, cfg.max_iters) if cfg.max_iters else total
+        # progress state (all of it goes into last.pt)
+        self.epoch, self.step, self.iteration = 0, 0, 0
+        self.running = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "time": 0.0}
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.train_bn: dict[str, torch.Tensor] | None = None  # running stats before the BN recomputation
+        self.final_metrics: dict[str, Any] | None = None
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if cfg.resume:
+            self._restore(_load_checkpoint(self.last_path))
+
+    @property
+    def is_main(self) -> bool:
+        return self.d.rank == 0
+
+    def _log(self, msg: str) -> None:
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        return {"model_name": self.model.name, "num_classes": self.label_space.num_classes,
+                "label_space": self.label_space.name, "config": dataclasses.asdict(self.cfg)}
+
+    def _state(self) -> dict[str, Any]:
+        rng = _rng_state(self.device)
+        state = {"model": self.model.state_dict(), **self._meta(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": rng,
+                 "epoch": self.epoch, "step": self.step, "iteration": self.iteration,
+                 "world_size": self.d.world, "running": dict(self.running), "history": self.history,
+                 "best": self.best, "train_bn": self.train_bn, "final_metrics": self.final_metrics}
+        if self.d.enabled:
+            ranks = [None] * self.d.world
+            dist.all_gather_object(ranks, rng)
+            state["rng_ranks"] = ranks
+        return state
+
+    def _save_last(self) -> None:
+        state = self._state()  # collective under DDP: every process must get here
+        if self.is_main:
+            atomic_torch_save(self.last_path, state)
+
+    def _restore(self, ck: dict[str, Any]) -> None:
+        if ck.get("model_name") != self.model.name or ck.get("num_classes") != self.label_space.num_classes:
+            raise UserError(f"{self.last_path} was written for {ck.get('model_name')} with {ck.get('num_classes')} "
+                            f"classes, not {self.model.name} with {self.label_space.num_classes}; use another --out", 2)
+        self.model.load_state_dict(ck["model"])
+        if ck.get("train_bn"):
+            # The checkpoint holds the final (recomputed) statistics; training continues from its own.
+            self.model.load_state_dict(ck["train_bn"], strict=False)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        rng = ck["rng"]
+        if self.d.enabled and ck.get("world_size") == self.d.world and ck.get("rng_ranks"):
+            rng = ck["rng_ranks"][self.d.rank]
+        _set_rng_state(rng, self.device)
+        self.epoch, self.step, self.iteration = ck["epoch"], ck["step"], ck["iteration"]
+        self.running, self.history, self.best = dict(ck["running"]), list(ck["history"]), ck["best"]
+        self.final_metrics = ck.get("final_metrics")
+        self.train_bn = None
+        self._log(f"resumed {self.last_path} at epoch {self.epoch + 1}, iteration {self.iteration}")
+
+    # --- record -----------------------------------------------------------------------------------
+
+    def _write_record(self, status: str) -> None:
+        if not self.is_main:
+            return
+        from ldnbench.report.records import make_record, write_record
+
+        cfg = self.cfg
+        rec = make_record(
+            "train", model=self.model.name, model_options=cfg.model_options, dataset=cfg.dataset,
+            root=cfg.root, split=cfg.split, metrics=self.final_metrics or {}, device=str(self.device),
+            run_id=self.out.name, config=dataclasses.asdict(cfg), seed=cfg.seed, status=status,
+            label_space=self.label_space.name, val_split=cfg.val_split if self.val_set is not None else None,
+            crop=self.crop, world_size=self.d.world, epochs_done=self.epoch, iterations=self.iteration,
+            iters_per_epoch=self.iters_per_epoch, history=self.history, best=self.best,
+            checkpoints={"last": str(self.last_path), "best": str(self.best_path) if self.best else None},
+            complexity=self.complexity, started=self.started)
+        write_record(self.record_path, rec)
+
+    # --- loop -------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.complexity = _complexity(self.model, self.cfg.is_pretrained) if self.is_main else {}
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            where = f" x {self.d.world} processes" if self.d.enabled else ""
+            self._log(f"training {self.model.name} on {cfg.dataset}/{cfg.split} ({len(self.train_set)} images, "
+                      f"crop {self.crop}, batch {cfg.batch_size}{where}, {self.iters_per_epoch} it/epoch, "
+                      f"{self.total_iters} iterations) on {self.device} -> {self.out}")
+        pin = self.device.type == "cuda"
+        loader = _loader(self.data, self.sampler, cfg.workers, pin)
+        while self.iteration < self.total_iters and self.epoch < cfg.epochs:
+            self._train_epoch(loader)
+            if self.step == self.iters_per_epoch:
+                self._end_epoch()
+        if self.step:  # stopped mid-epoch by max_iters: keep the exact position
+            self._save_last()
+        if cfg.recompute_bn and self.train_bn is None:
+            self.train_bn = _bn_buffers(self.model)
+            self._log("recomputing BatchNorm statistics over the training set")
+            sampler = EpochBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.d.rank, self.d.world,
+                                        cycle=False)
+            sampler.set_epoch(_BN_EPOCH_KEY)
+            recompute_bn_stats(self.model, self._bn_batches(_loader(self.data, sampler, cfg.workers, pin)),
+                               self.device, self.autocast)
+            self.final_metrics = None
+        if self.final_metrics is None:
+            self.final_metrics = self._validate()
+            if self.final_metrics is not None:
+                self._maybe_best(self.final_metrics, final=True)
+        self._save_last()
+        self._write_record("finished")
+        if self.final_metrics:
+            self._log(f"final: mIoU {_pct(self.final_metrics.get('miou'))} on {cfg.dataset}/{cfg.val_split}")
+        return TrainResult(self.out, self.record_path, self.last_path,
+                           self.best_path if self.best else None, self.epoch, self.iteration, self.final_metrics,
+                           self.best["miou"] if self.best else None, self.history)
+
+    def _train_epoch(self, loader) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.net.train()
+        self.sampler.set_epoch(self.epoch, self.step)
+        lr = self.optimizer.param_groups[-1]["lr"]
+        bar = tqdm(total=self.iters_per_epoch, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.is_main), leave=False, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        try:
+            for images, labels in loader:
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                with self.autocast():
+                    output = self.net(images)
+                loss, parts = self.loss(output, labels)
+                stats = torch.stack([loss.detach().float(), parts["main"].float(),
+                                     parts["aux"].float() if parts["aux"] is not None else torch.zeros((), device=self.device)])
+                if self.d.enabled:
+                    dist.all_reduce(stats)
+                    stats /= self.d.world
+                value, main, aux = stats.tolist()
+                if not math.isfinite(value):
+                    self._write_record("diverged")
+                    raise TrainingDiverged(
+                        f"the loss is {value} at iteration {self.iteration + 1} (epoch {self.epoch + 1}); stopped. "
+                        f"The last good checkpoint is {self.last_path} (from iteration "
+                        f"{self._last_saved_iteration()}); resume it with --resume, e.g. with a lower --lr or without --amp", 1)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.step += 1
+                self.iteration += 1
+                dt = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                r = self.running
+                r["loss"] += value
+                r["main"] += main
+                r["aux"] += aux
+                r["n"] += 1
+                r["time"] += dt
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{cfg.batch_size / max(dt, 1e-9):.1f}",
+                                refresh=False)
+                if self.iteration % cfg.save_every == 0 and self.step < self.iters_per_epoch:
+                    self._save_last()
+                if self.iteration >= self.total_iters:
+                    break
+        finally:
+            bar.close()
+
+    def _bn_batches(self, loader) -> Iterator[torch.Tensor | None]:
+        for batch in loader:
+            if batch is None and self.d.enabled and self.device.type == "cuda":
+                # SyncBatchNorm is collective: a process without images still takes part with an empty batch.
+                yield torch.empty(0, 3, self.crop, self.crop)
+            else:
+                yield None if batch is None else batch[0]
+
+    def _last_saved_iteration(self) -> str:
+        if not self.last_path.exists():
+            return "none yet"
+        try:
+            return str(torch.load(self.last_path, map_location="cpu", weights_only=True)["iteration"])
+        except Exception:
+            return "unknown"
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        r = self.running
+        lr = self.optimizer.param_groups[-1]["lr"]
+        self.scheduler.step()
+        self.epoch += 1
+        self.step = 0
+        entry = {"epoch": self.epoch, "iterations": self.iteration, "loss": r["loss"] / max(r["n"], 1),
+                 "loss_main": r["main"] / max(r["n"], 1),
+                 "loss_aux": r["aux"] / max(r["n"], 1) if self.loss_has_aux else None, "lr": lr,
+                 "time_s": r["time"], "images_per_s": r["n"] * cfg.batch_size / max(r["time"], 1e-9), "val": None}
+        self.running = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "time": 0.0}
+        last_epoch = self.epoch == cfg.epochs or self.iteration >= self.total_iters
+        if cfg.val_every and self.epoch % cfg.val_every == 0 and not last_epoch:
+            entry["val"] = self._validate()
+            if entry["val"] is not None:
+                self._maybe_best(entry["val"])
+        self.history.append(entry)
+        val = f", val mIoU {_pct(entry['val'].get('miou'))}" if entry["val"] else ""
+        self._log(f"epoch {self.epoch}/{cfg.epochs}: loss {entry['loss']:.4f} (main {entry['loss_main']:.4f}"
+                  + (f", aux {entry['loss_aux']:.4f}" if entry["loss_aux"] is not None else "")
+                  + f"), lr {lr:.2e}, {entry['images_per_s']:.1f} img/s, {entry['time_s']:.0f} s{val}")
+        self._save_last()
+        self._write_record("running")
+
+    @property
+    def loss_has_aux(self) -> bool:
+        return bool(getattr(self.model, "aux_heads", None)) and self.cfg.aux_weight != 0
+
+    def _validate(self) -> dict[str, Any] | None:
+        if self.val_set is None:
+            return None
+        self.model.eval()
+        try:
+            with self.autocast():
+                return _validate(self.model, self.val_set, self.device, self.cfg.amp)
+        finally:
+            self.model.train()
+
+    def _maybe_best(self, metrics: dict[str, Any], final: bool = False) -> None:
+        miou = metrics.get("miou")
+        if miou is None or (self.best is not None and miou <= self.best["miou"]):
+            return
+        self.best = {"miou": miou, "epoch": self.epoch, "iteration": self.iteration, "final": final}
+        if self.is_main:
+            atomic_torch_save(self.best_path, {"model": self.model.state_dict(), **self._meta(), "epoch": self.epoch,
+                                               "iteration": self.iteration, "metrics": metrics})
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+# --- multi-process launch -------------------------------------------------------------------------
+
+
+def launch(config: TrainConfig, nproc: int, extra_torchrun_args: list[str] | None = None) -> int:
+    """Run ``train(config)`` in ``nproc`` local processes via ``torch.distributed.run``; returns its exit code."""
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}", 2)
+    out = config.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "launch-config.json"
+    atomic_write_json(cfg_path, dataclasses.asdict(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *(extra_torchrun_args or []), "-m", "ldnbench.train", str(cfg_path)]
+    return subprocess.call(cmd)
+
+
+def config_from_json(path: str | Path) -> TrainConfig:
+    data = json.loads(Path(path).read_text())
+    data["scale"] = tuple(data["scale"])
+    return TrainConfig(**data)
+
+
+def _main(argv: list[str]) -> int:
+    """Entry point of the processes started by :func:`launch` (``python -m ldnbench.train CONFIG.json``)."""
+    try:
+        train(config_from_json(argv[0]))
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
