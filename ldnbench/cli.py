@@ -45,6 +45,71 @@ def main() -> None:
 # --- training: train (ldnbench.train) ------------------------------------------------------------
 
 
+@main.command("train")
+@click.option("--model", required=True, help="Model name or alias (see `ldnbench zoo`), e.g. ldn121.")
+@click.option("--dataset", required=True, help="Dataset adapter (see `ldnbench datasets`); picks the paper's preset.")
+@click.option("--root", default=None, help="Dataset folder [default: ./datasets/<dataset>].")
+@click.option("--split", default=None, help="Training split [default: train].")
+@click.option("--val-split", default=None, help="Validation split, or 'none' [default: val; camvid: test].")
+@click.option("--epochs", type=int, default=None, help="[default: preset, e.g. 300 for cityscapes]")
+@click.option("--batch-size", type=int, default=None, help="Global batch over all processes [default: 16].")
+@click.option("--crop", type=int, default=None, help="Square crop side [default: the dataset's 448/512/768].")
+@click.option("--scale", type=float, nargs=2, default=None, help="Random rescale range [default: 0.5 2].")
+@click.option("--no-pad", "no_pad", is_flag=True, help="Refuse crops larger than the rescaled images.")
+@click.option("--lr", type=float, default=None, help="Initial learning rate [default: 4e-4].")
+@click.option("--backbone-lr-div", type=float, default=None, help="Pretrained lr divisor [default: 4; voc: 8].")
+@click.option("--weight-decay", type=float, default=None, help="[default: 0]")
+@click.option("--aux-weight", type=float, default=None, help="Weight of the mean aux loss [default: 0.4].")
+@click.option("--main-weight", type=float, default=None, help="Weight of the final CE [default: 0.6].")
+@click.option("--pretrained", default=None, help="imagenet, none or PATH to a torchvision state dict [default: imagenet].")
+@click.option("--init", default=None, help="Start from the model weights of this checkpoint (e.g. VOC stage 2).")
+@click.option("--ckpt", default=None, help="Gradient-checkpointing policy [default: the model's training default].")
+@click.option("--amp", default=None, is_flag=False, flag_value="auto",
+              type=click.Choice(["none", "auto", "bf16", "fp16"]),
+              help="Mixed precision; --amp alone = auto (bf16 on CPU, bf16/fp16 on CUDA).")
+@click.option("--no-bn-recompute", is_flag=True, help="Keep the moving-average BatchNorm statistics.")
+@click.option("--val-every", type=int, default=None, help="Validate every N epochs, 0 = only at the end [default: 10].")
+@click.option("--val-limit", type=int, default=None, help="Validate on the first N images only (smoke runs).")
+@click.option("--save-every", type=int, default=None, help="Write last.pt every N iterations [default: 500].")
+@click.option("--max-iters", type=int, default=None, help="Stop after N iterations in total (smoke runs).")
+@click.option("--seed", type=int, default=None, help="[default: 0]")
+@click.option("--workers", type=int, default=None, help="DataLoader workers per process [default: 4].")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto].")
+@click.option("--out", default=None, help="Run folder [default: results/<model>-<dataset>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--nproc", type=int, default=None, help="Launch N local processes with torchrun (DDP).")
+@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
+              help="Extra build_model option, e.g. growth_rate=16 (repeatable).")
+@click.option("--dataset-option", "dataset_options", multiple=True, metavar="KEY=VALUE",
+              help="Extra adapter option (repeatable).")
+@click.option("--no-progress", is_flag=True, help="No tqdm bars (one line per epoch only).")
+def train_cmd(model, dataset, root, split, val_split, epochs, batch_size, crop, scale, no_pad, lr, backbone_lr_div,
+              weight_decay, aux_weight, main_weight, pretrained, init, ckpt, amp, no_bn_recompute, val_every,
+              val_limit, save_every, max_iters, seed, workers, device, out, resume, nproc, model_options,
+              dataset_options, no_progress):
+    """Train a model with the paper's recipe; resumable, single process or DDP under torchrun."""
+    from ldnbench.train import TrainConfig, launch, parse_options, train
+
+    config = TrainConfig.preset(
+        model, dataset, root=root, split=split, epochs=epochs, batch_size=batch_size, crop=crop,
+        scale=tuple(scale) if scale else None, pad=False if no_pad else None, lr=lr, backbone_lr_div=backbone_lr_div,
+        weight_decay=weight_decay, aux_weight=aux_weight, main_weight=main_weight, pretrained=pretrained, init=init,
+        ckpt=ckpt, amp=amp, recompute_bn=False if no_bn_recompute else None, val_every=val_every,
+        val_limit=val_limit, save_every=save_every, max_iters=max_iters, seed=seed, workers=workers, device=device,
+        out=out, resume=resume or None, progress=False if no_progress else None,
+        model_options=parse_options(model_options), dataset_options=parse_options(dataset_options))
+    if val_split is not None:
+        config.val_split = None if val_split.lower() == "none" else val_split
+    if nproc is not None:
+        sys.exit(launch(config, nproc))
+    result = train(config)
+    click.echo(f"run record: {result.record_path}")
+    click.echo(f"checkpoints: {result.last_checkpoint}" + (f", {result.best_checkpoint}" if result.best_checkpoint else ""))
+    if result.final_metrics and result.final_metrics.get("miou") is not None:
+        click.echo(f"final mIoU: {100 * result.final_metrics['miou']:.1f}%")
+
+
+
 # --- studies and reports: cross, prune, export, demo (ldnbench.studies, ldnbench.report) ---------
 
 

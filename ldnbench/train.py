@@ -62,7 +62,7 @@ class TrainConfig:
     ``crop_size``. ``pretrained`` is ``imagenet``, ``none`` or a path to a torchvision-format state
     dict; only pretrained backbone parameters get ``lr / backbone_lr_div``. ``ckpt`` is the
     gradient-checkpointing policy (None: the model's training default). ``amp``: ``none``,
-    ``bf16`` or ``fp16`` (CUDA only). ``val_every`` (epochs, 0 = only at the end) and
+    ``auto`` (bf16 where supported, else fp16), ``bf16`` or ``fp16`` (CUDA only). ``val_every`` (epochs, 0 = only at the end) and
     ``save_every`` (iterations; ``last.pt`` is also written after every epoch) set the periodic
     work; ``max_iters`` stops early (smoke runs). ``init`` starts from the model weights of a
     checkpoint (VOC's second stage).
@@ -363,6 +363,31 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 # --- the run --------------------------------------------------------------------------------------
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` → bf16 on CPU and on CUDA GPUs that support it, fp16 on older GPUs."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16"
+
+
+def parse_options(items: Iterable[str]) -> dict[str, Any]:
+    """``["growth_rate=8", "block_config=2,2,2,2"]`` → ``{"growth_rate": 8, "block_config": (2, 2, 2, 2)}``."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"option {item!r} is not KEY=VALUE", 2)
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()  # a bare word is a string
+    return out
+
+
 def _autocast_factory(amp: str, device: torch.device):
     if amp == "none":
         return nullcontext
@@ -371,8 +396,8 @@ def _autocast_factory(amp: str, device: torch.device):
 
 
 def _check_config(cfg: TrainConfig) -> None:
-    if cfg.amp not in ("none", "bf16", "fp16"):
-        raise UserError(f"unknown --amp mode {cfg.amp!r}; use none, bf16 or fp16", 2)
+    if cfg.amp not in ("none", "auto", "bf16", "fp16"):
+        raise UserError(f"unknown --amp mode {cfg.amp!r}; use none, auto, bf16 or fp16", 2)
     for name in ("epochs", "batch_size", "save_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}", 2)
@@ -503,7 +528,8 @@ class _Run:
 
         self.cfg, self.d = cfg, d
         self.device = _resolve_device(cfg.device, d)
-        if cfg.amp == "fp16" and self.device.type != "cuda":
+        self.amp = resolve_amp(cfg.amp, self.device)
+        if self.amp == "fp16" and self.device.type != "cuda":
             raise UserError("fp16 mixed precision needs CUDA; use --amp bf16 on CPU", 2)
         if cfg.batch_size % d.world:
             raise UserError(f"batch size {cfg.batch_size} is not divisible by the {d.world} processes", 2)
@@ -535,8 +561,8 @@ class _Run:
                                           weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs,
                                                                     eta_min=cfg.min_lr)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
-        self.autocast = _autocast_factory(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.autocast = _autocast_factory(self.amp, self.device)
         self.loss = SegLoss(self.label_space.num_classes, cfg.main_weight, cfg.aux_weight)
         self.per_rank = cfg.batch_size // d.world
         transform = TrainTransform(self.crop, cfg.scale, cfg.flip, cfg.pad)
@@ -775,7 +801,7 @@ class _Run:
         self.model.eval()
         try:
             with self.autocast():
-                return _validate(self.model, self.val_set, self.device, self.cfg.amp)
+                return _validate(self.model, self.val_set, self.device, self.amp)
         finally:
             self.model.train()
 
@@ -812,6 +838,9 @@ def launch(config: TrainConfig, nproc: int, extra_torchrun_args: list[str] | Non
 def config_from_json(path: str | Path) -> TrainConfig:
     data = json.loads(Path(path).read_text())
     data["scale"] = tuple(data["scale"])
+    # JSON has no tuples; model configs are frozen dataclasses of tuples.
+    for key in ("model_options", "dataset_options"):
+        data[key] = {k: tuple(v) if isinstance(v, list) else v for k, v in data[key].items()}
     return TrainConfig(**data)
 
 
