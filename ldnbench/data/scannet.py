@@ -143,7 +143,7 @@ class ScanNet(SegDataset):
     def load_image(self, i: int) -> np.ndarray:
         image = read_rgb(self.files[i].image)
         if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
-            image = np.asarray(Image.fromarray(image).resize(self.size, Image.BILINEAR))
+            image = np.array(Image.fromarray(image).resize(self.size, Image.BILINEAR))
         return image
 
     def load_target(self, i: int) -> tuple[np.ndarray, None]:
@@ -158,5 +158,5 @@ class ScanNet(SegDataset):
             with Image.open(f.image) as im:
                 size = im.size
         if (label.shape[1], label.shape[0]) != size:
-            label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+            label = np.array(Image.fromarray(label).resize(size, Image.NEAREST))
         return label, None
