@@ -136,4 +136,30 @@ def export_cmd(results, formats, out, group_by, with_paper, figures):
         click.echo(f"wrote {f}")
 
 
+@main.command("prune")
+@click.option("--model", default="ldn121", show_default=True, help="Model name or alias the checkpoint was trained as.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="last.pt/best.pt of a training run.")
+@click.option("--dataset", default="cityscapes", show_default=True, help="Dataset to evaluate on.")
+@click.option("--root", default=None, help="Dataset folder [default: datasets/<dataset>].")
+@click.option("--split", default="val", show_default=True)
+@click.option("--fractions", default="0,0.1,...,1", show_default=True,
+              help="Pruned fractions of each block's tail ('...' continues the step).")
+@click.option("--blocks", default="last2", show_default=True,
+              help="Backbone blocks to prune: lastN, all, or names (denseblock3,denseblock4 / layer3,layer4).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--max-images", type=int, default=None, help="Evaluate on the first N images only (quick look).")
+@click.option("--out", default="results", show_default=True, help="Folder for the study's record, CSV and figures.")
+def prune_cmd(model, checkpoint, dataset, root, split, fractions, blocks, device, max_images, out):
+    """Accuracy after switching off the backbone tail, without retraining (paper Fig. 5)."""
+    from ldnbench.studies.prune import PruneConfig, parse_fractions, run_prune
+
+    cfg = PruneConfig(model=model, checkpoint=checkpoint, dataset=dataset, root=root, split=split,
+                      fractions=tuple(parse_fractions(fractions)), blocks=blocks, device=device,
+                      max_images=max_images, out=out)
+    res = run_prune(cfg, progress=click.echo, command=sys.argv)
+    click.echo(f"csv: {res.csv}\nrecord: {res.record}")
+    for f in res.figures:
+        click.echo(f"figure: {f}")
+
+
 # --- benchmarks: bench memory, bench speed (ldnbench.bench) --------------------------------------
