@@ -108,6 +108,7 @@ def _images(folder: Path) -> dict[str, Path]:
 
 class CamVid(SegDataset):
     name = "camvid"
+    label_space_name = "camvid11"
     splits = ("train", "val", "test")
     layout = (
         "SegNet: {train,val,test}/*.png + {train,val,test}annot/*.png  |  "

@@ -72,6 +72,7 @@ def to_rob39_table(space: str) -> np.ndarray:
 
 class Rob2018(SegDataset):
     name = "rob2018"
+    label_space_name = "rob39"
     splits = ("train", "val", "trainval")
     layout = "cityscapes/ + kitti/ + wilddash/ + scannet/ (each laid out as its own adapter expects)"
     crop_size = 768  # road-driving frames dominate; the paper's Cityscapes/WildDash crop

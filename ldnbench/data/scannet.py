@@ -86,6 +86,7 @@ def _scene_dirs(root: Path) -> list[Path]:
 
 class ScanNet(SegDataset):
     name = "scannet"
+    label_space_name = "scannet20"
     splits = ("train", "val", "all")
     layout = ("[scannet_frames_25k/]scene*/{color/*.jpg, label/*.png (or label-filt/*.png)} + "
               "scannetv2_{train,val}.txt scene lists; split 'all' = every scene found")

@@ -105,6 +105,7 @@ def read_sbd_mat(path: str | Path) -> np.ndarray:
 
 class VOC(SegDataset):
     name = "voc"
+    label_space_name = "voc21"
     splits = ("train", "val", "trainval")
     layout = "VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png, ImageSets/Segmentation/{split}.txt}"
     crop_size = 512  # paper §5.5
