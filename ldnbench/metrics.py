@@ -263,7 +263,7 @@ class SegMetrics:
         self._to(dev)
         cell_lut, flag_lut = self._build_luts(dev)
         # gt*256+pred as int32, then one gather gives the confusion cell of every pixel
-        code = g.to(torch.int32, copy=True).mul_(256).add_(p)  # copy: never touch the caller's data
+        code = torch.add(p, g.to(torch.int32), alpha=256)  # out of place: never touch the caller's data
         cells = cell_lut.index_select(0, code)
         counts = torch.bincount(cells, minlength=(k + 1) * self._cols + 1)
         if counts[-1] > 0:
@@ -307,23 +307,34 @@ class SegMetrics:
                 hi = ids.max()
             n = int(hi) + 1
             v = ids.to(torch.int64 if n * f > 2**31 - 1 else torch.int32).mul(f).add_(flags[b])
-            hist = torch.bincount(v, minlength=n * f).view(n, f)[1:, 1:].reshape(n - 1, r_count, 3)
-            hist = hist.to(torch.float64)
-            size = hist.sum(dim=2)                      # per (instance, class rank)
-            tp = hist[:, :, 2]
-            cat_tp = hist[:, :, 1] + tp
+            hist = torch.bincount(v, minlength=n * f)
+            # few instances among many possible ids: continue with the non-empty bins only
+            bins = hist.nonzero().squeeze(1)
+            bins = bins[(bins >= f) & (bins % f != 0)]     # drop "no instance" and "not an instance class"
+            if not bins.numel():
+                continue
+            count = hist[bins].to(torch.float64)
+            rank, kind = torch.div(bins % f - 1, 3, rounding_mode="floor"), (bins % f - 1) % 3
+            # one group per (instance, class): an object is sized by its pixels of one class
+            groups, group = torch.unique(torch.div(bins, f, rounding_mode="floor") * r_count + rank,
+                                         return_inverse=True)
+            zeros = torch.zeros(groups.numel(), dtype=torch.float64, device=dev)
+            size = zeros.index_add(0, group, count)
+            tp = zeros.index_add(0, group, torch.where(kind == 2, count, 0.0))
+            cat_tp = zeros.index_add(0, group, torch.where(kind >= 1, count, 0.0))
+            g_rank = groups % r_count
             avg = torch.tensor([self.space.avg_instance_size[c] for c in self._inst_classes],
                                dtype=torch.float64, device=dev)
-            w = torch.where(size > 0, avg / size.clamp(min=1), torch.zeros((), dtype=torch.float64, device=dev))
-            cls = torch.tensor(self._inst_classes, device=dev)
-            self.inst_tp.index_add_(0, cls, (tp * w).sum(0))
-            self.inst_fn.index_add_(0, cls, ((size - tp) * w).sum(0))
+            w = avg[g_rank] / size
+            cls = torch.tensor(self._inst_classes, device=dev)[g_rank]
+            self.inst_tp.index_add_(0, cls, tp * w)
+            self.inst_fn.index_add_(0, cls, (size - tp) * w)
             if self._inst_cats:
-                cats = torch.tensor([self.space.class_category[c] for c in self._inst_classes], device=dev)
-                keep = torch.tensor([self.space.class_category[c] in self._inst_cats for c in self._inst_classes],
-                                    device=dev)
-                self.cat_tp.index_add_(0, cats, torch.where(keep, (cat_tp * w).sum(0), 0.0))
-                self.cat_fn.index_add_(0, cats, torch.where(keep, ((size - cat_tp) * w).sum(0), 0.0))
+                cat_of = [self.space.class_category[c] for c in self._inst_classes]
+                cats = torch.tensor(cat_of, device=dev)[g_rank]
+                keep = torch.tensor([c in self._inst_cats for c in cat_of], device=dev)[g_rank]
+                self.cat_tp.index_add_(0, cats, torch.where(keep, cat_tp * w, 0.0))
+                self.cat_fn.index_add_(0, cats, torch.where(keep, (size - cat_tp) * w, 0.0))
 
     # ---------------------------------------------------------------- results
     def compute(self) -> MetricResult:

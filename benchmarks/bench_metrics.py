@@ -1,0 +1,150 @@
+"""Time ldnbench's metric accumulator and `score` against cityscapesScripts and torchmetrics.
+
+    python benchmarks/bench_metrics.py [--frames 8] [--height 1024 --width 2048] [--threads N]
+
+Generates Cityscapes-like frames (19 classes, ignore pixels, ~40 instances each), then reports per
+frame: ``SegMetrics.update`` (in memory, with instances), torchmetrics' ``MulticlassJaccardIndex``
+update (IoU only: no iIoU, no categories), the official ``evaluatePair`` (reads PNGs, as the
+official tool always does), and ``ldnbench.score.score_predictions`` on the same PNG folder with 2
+decoding threads. Also checks that score and the official evaluator give the same mIoU/iIoU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_frames(n: int, h: int, w: int, seed: int = 0):
+    """(labelIds, instanceIds, predicted labelIds) triples in the Cityscapes encoding."""
+    from cityscapesscripts.helpers.labels import labels
+
+    rng = np.random.default_rng(seed)
+    valid = np.array([l.id for l in labels if l.id >= 0 and not l.ignoreInEval])
+    void = np.array([l.id for l in labels if l.id >= 0 and l.ignoreInEval])
+    inst_ids = np.array([l.id for l in labels if l.hasInstances and not l.ignoreInEval])
+    frames = []
+    for _ in range(n):
+        blocks = rng.choice(np.concatenate([valid, valid, void[:3]]), size=(h // 64, w // 64))
+        gt = blocks.repeat(64, 0).repeat(64, 1).astype(np.uint8)
+        inst = gt.astype(np.int32)
+        for k in range(40):
+            lid = int(rng.choice(inst_ids))
+            y, x = rng.integers(0, h - 200), rng.integers(0, w - 200)
+            hh, ww = rng.integers(10, 200), rng.integers(10, 200)
+            gt[y:y + hh, x:x + ww] = lid
+            inst[y:y + hh, x:x + ww] = lid * 1000 + k
+        pred = gt.copy()
+        wrong = rng.choice(valid, size=(h // 16, w // 16)).repeat(16, 0).repeat(16, 1)
+        mask = (rng.random((h // 16, w // 16)) < 0.2).repeat(16, 0).repeat(16, 1)
+        pred[mask] = wrong[mask]
+        pred[np.isin(pred, void)] = valid[0]
+        frames.append((gt, inst, pred))
+    return frames
+
+
+def per_frame(fn, items, repeat: int = 1) -> float:
+    """Median seconds per call of ``fn(item)`` over ``items`` (after one warm-up call)."""
+    fn(items[0])
+    times = []
+    for _ in range(repeat):
+        for it in items:
+            t = time.perf_counter()
+            fn(it)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from PIL import Image
+
+    from ldnbench.data.cityscapes import labelid_to_trainid
+    from ldnbench.data.labels import get_label_space
+    from ldnbench.data.synthetic import write_cityscapes
+    from ldnbench.metrics import SegMetrics
+
+    h, w = args.height, args.width
+    print(f"{args.frames} frames of {h}x{w}, torch threads {torch.get_num_threads()}, "
+          f"{sys.platform}, torch {torch.__version__}")
+    frames = make_frames(args.frames, h, w)
+    space = get_label_space("cityscapes19")
+    to_train = labelid_to_trainid().astype(np.int64)
+    to_train[to_train < 0] = 255
+    to_train = to_train.astype(np.uint8)
+    mem = [(torch.from_numpy(to_train[p]), torch.from_numpy(to_train[g]),
+            torch.from_numpy(np.where(i >= 1000, i, 0).astype(np.int32))) for g, i, p in frames]
+
+    m = SegMetrics(space)
+    t_ours = per_frame(lambda x: m.update(*x), mem, repeat=3)
+    m_noinst = SegMetrics(space)
+    t_ours_noinst = per_frame(lambda x: m_noinst.update(x[0], x[1]), mem, repeat=3)
+    rows = [("ldnbench SegMetrics.update (IoU+iIoU+categories)", t_ours),
+            ("ldnbench SegMetrics.update (no instances)", t_ours_noinst)]
+
+    try:
+        from torchmetrics.classification import MulticlassJaccardIndex
+
+        tm = MulticlassJaccardIndex(num_classes=19, ignore_index=255, average=None)
+        t_tm = per_frame(lambda x: tm.update(x[0].long(), x[1].long()), mem)
+        rows.append(("torchmetrics MulticlassJaccardIndex.update (IoU only)", t_tm))
+    except ImportError:
+        print("torchmetrics not installed (pip install -e '.[bench]'): skipped")
+
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as ev
+
+    np.in1d = lambda a, b, invert=False: np.isin(np.ravel(a), b, invert=invert)  # removed in NumPy 2.4
+    ev.args.quiet, ev.args.JSONOutput = True, False
+    with tempfile.TemporaryDirectory() as tmp:
+        root, pred_dir = Path(tmp) / "cityscapes", Path(tmp) / "pred"
+        pairs = []
+        for n, (g, i, p) in enumerate(frames):
+            sid = f"frankfurt_{n:06d}_000019"
+            write_cityscapes(root, "val", sid, np.zeros((h, w, 3), np.uint8), g, i)
+            pf = pred_dir / f"{sid}_pred.png"
+            pf.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(p).save(pf)
+            pairs.append((str(pf), str(root / "gtFine/val/frankfurt" / f"{sid}_gtFine_labelIds.png")))
+        cm, stats = ev.generateMatrix(ev.args), ev.generateInstanceStats(ev.args)
+        t_off = per_frame(lambda pg: ev.evaluatePair(pg[0], pg[1], cm, stats, {}, ev.args), pairs)
+        rows.append(("cityscapesScripts evaluatePair (PNG files, C ext: %s)" % ev.CSUPPORT, t_off))
+
+        official = ev.evaluateImgLists([p for p, _ in pairs], [g for _, g in pairs], ev.args)
+        from ldnbench.data.registry import get_dataset
+        from ldnbench.score import score_predictions
+
+        ds = get_dataset("cityscapes", root, "val")
+        t = time.perf_counter()
+        res = score_predictions(ds, pred_dir, pred_format="labelIds", workers=2, progress=False)
+        t_score = (time.perf_counter() - t) / len(frames)
+        rows.append(("ldnbench score (PNG files, 2 decoding threads)", t_score))
+        ours = res.metrics
+        diff = max(abs(ours.miou - official["averageScoreClasses"]),
+                   abs(ours.iiou - official["averageScoreInstClasses"]),
+                   abs(ours.cat_iou - official["averageScoreCategories"]),
+                   abs(ours.cat_iiou - official["averageScoreInstCategories"]))
+
+    print(f"{'':<58}{'ms/frame':>10}{'vs official':>13}")
+    for name, t in rows:
+        print(f"{name:<58}{1000 * t:>10.1f}{t_off / t:>12.1f}x")
+    print(f"score vs official: mIoU {ours.miou:.6f} vs {official['averageScoreClasses']:.6f}, "
+          f"max |difference| of the 4 means {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()

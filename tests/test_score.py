@@ -1,0 +1,153 @@
+"""`ldnbench score` on a fixture tree in the real Cityscapes layout, checked against the official tool."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldnbench.cli import main
+from ldnbench.data.registry import get_dataset
+from ldnbench.data.synthetic import write_cityscapes
+from ldnbench.errors import UserError
+from ldnbench.score import match_predictions, score_predictions
+
+H, W = 64, 96
+SIDS = ["frankfurt_000000_000294", "frankfurt_000001_000019", "lindau_000002_000019", "munster_000003_000019"]
+
+
+def _frame(rng):
+    gt = rng.choice([0, 4, 7, 8, 11, 17, 21, 23, 26], size=(H // 8, W // 8)).repeat(8, 0).repeat(8, 1)
+    gt = gt.astype(np.uint8)
+    inst = gt.astype(np.int32)
+    for k in range(5):
+        lid = int(rng.choice([24, 25, 26, 27, 29, 33]))
+        y, x = rng.integers(0, H - 10), rng.integers(0, W - 10)
+        gt[y:y + 10, x:x + 12], inst[y:y + 10, x:x + 12] = lid, lid * 1000 + k
+    pred = gt.copy()
+    noise = rng.random((H, W)) < 0.3
+    pred[noise] = rng.choice([0, 7, 8, 11, 24, 26, 28, 29, 30], size=int(noise.sum()))
+    return gt, inst, pred
+
+
+@pytest.fixture
+def tree(tmp_path):
+    rng = np.random.default_rng(0)
+    root, pred = tmp_path / "cityscapes", tmp_path / "results"
+    frames = {}
+    for sid in SIDS:
+        gt, inst, p = _frame(rng)
+        write_cityscapes(root, "val", sid, np.zeros((H, W, 3), np.uint8), gt, inst)
+        city = sid.split("_")[0]
+        (pred / city).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(p).save(pred / city / f"{sid}_leftImg8bit.png")  # a typical submission name
+        frames[sid] = (gt, inst, p)
+    return root, pred, frames
+
+
+def _official(root, pred_dir, monkeypatch):
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as ev
+
+    monkeypatch.setattr(np, "in1d", lambda a, b, invert=False: np.isin(np.ravel(a), b, invert=invert), raising=False)
+    monkeypatch.setattr(ev.args, "quiet", True)
+    monkeypatch.setattr(ev.args, "JSONOutput", False)
+    monkeypatch.setattr(ev.args, "predictionPath", str(pred_dir))
+    monkeypatch.setattr(ev.args, "predictionWalk", None)
+    gts = sorted(str(p) for p in root.glob("gtFine/val/*/*_gtFine_labelIds.png"))
+    preds = [ev.getPrediction(ev.args, g) for g in gts]  # the official file matching
+    return ev.evaluateImgLists(preds, gts, ev.args)
+
+
+def test_score_equals_official_evaluator(tree, monkeypatch):
+    root, pred_dir, _ = tree
+    official = _official(root, pred_dir, monkeypatch)
+    res = score_predictions(get_dataset("cityscapes", root, "val"), pred_dir, progress=False)
+    m = res.metrics
+    assert res.pred_format == "labelIds" and m.num_images == len(SIDS) and res.extra == []
+    pairs = [(m.miou, official["averageScoreClasses"]), (m.iiou, official["averageScoreInstClasses"]),
+             (m.cat_iou, official["averageScoreCategories"]), (m.cat_iiou, official["averageScoreInstCategories"])]
+    pairs += [(v, official["classScores"][k]) for k, v in m.class_iou.items()]
+    pairs += [(v, official["classInstScores"][k]) for k, v in m.class_iiou.items()]
+    pairs += [(v, official["categoryScores"][k]) for k, v in m.category_iou.items()]
+    pairs += [(v, official["categoryInstScores"][k]) for k, v in m.category_iiou.items()]
+    for ours, theirs in pairs:
+        assert (math.isnan(ours) and math.isnan(theirs)) or abs(ours - theirs) <= 1e-9
+    assert any(math.isnan(v) for v in m.class_iou.values())  # absent classes are part of the check
+
+
+def test_train_id_predictions_and_one_worker(tree):
+    root, pred_dir, frames = tree
+    from ldnbench.data.cityscapes import labelid_to_trainid
+
+    to_train = labelid_to_trainid()
+    train_dir = pred_dir.parent / "train_ids"
+    train_dir.mkdir()
+    for sid, (_, _, p) in frames.items():
+        Image.fromarray(to_train[p].astype(np.uint8)).save(train_dir / f"{sid}.png")
+    ds = get_dataset("cityscapes", root, "val")
+    a = score_predictions(ds, train_dir, pred_format="trainIds", workers=1, progress=False).metrics
+    b = score_predictions(ds, pred_dir, pred_format="labelIds", workers=2, progress=False).metrics
+    # identical except where the official rule counts caravan/trailer predictions as "vehicle"
+    assert a.class_iou == pytest.approx(b.class_iou, nan_ok=True)
+    assert a.class_iiou == pytest.approx(b.class_iiou, nan_ok=True)
+    assert a.category_iou == pytest.approx(b.category_iou, nan_ok=True)
+    assert a.category_iiou["vehicle"] != pytest.approx(b.category_iiou["vehicle"])
+
+
+def test_matching_follows_the_official_prefix_rule(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ["a/x_1_2_pred.png", "a/b/x_1_3.png", "a/b/x_1_3_again.png", "notes.txt", "y_9_9.png"]:
+        (tmp_path / name).write_bytes(b"")
+    m = match_predictions(["x_1_2", "x_1_3", "x_1_4"], tmp_path)
+    assert m.files == {"x_1_2": tmp_path / "a/x_1_2_pred.png"}
+    assert set(m.duplicates) == {"x_1_3"} and m.missing == ["x_1_4"]
+    assert m.extra == [tmp_path / "y_9_9.png"]
+
+
+def test_bad_prediction_folders_are_reported(tree):
+    root, pred_dir, frames = tree
+    ds = get_dataset("cityscapes", root, "val")
+    extra = pred_dir / "berlin_000000_000019_pred.png"
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(extra)
+    assert score_predictions(ds, pred_dir, progress=False).extra == [extra]
+
+    lone = pred_dir / "lindau" / f"{SIDS[2]}_leftImg8bit.png"
+    lone.rename(pred_dir / "moved.png")
+    with pytest.raises(UserError, match=rf"1 of 4 cityscapes val samples have no prediction .*{SIDS[2]}\*\.png"):
+        score_predictions(ds, pred_dir, progress=False)
+    (pred_dir / "moved.png").rename(lone)
+
+    Image.fromarray(np.zeros((H, W + 2), np.uint8)).save(lone)
+    with pytest.raises(UserError, match=rf"{lone.name} is {W + 2}x{H} but its ground truth is {W}x{H}"):
+        score_predictions(ds, pred_dir, progress=False)
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(lone)
+    with pytest.raises(UserError, match="several channels"):
+        score_predictions(ds, pred_dir, progress=False)
+    bad = frames[SIDS[2]][2].copy()
+    bad[0, 0] = 40
+    Image.fromarray(bad).save(lone)
+    with pytest.raises(UserError, match=r"values 40 outside Cityscapes label ids 0\.\.33"):
+        score_predictions(ds, pred_dir, progress=False)
+    with pytest.raises(UserError, match="does not exist"):
+        score_predictions(ds, pred_dir / "nope", progress=False)
+
+
+def test_cli_score_writes_json(tree, cli_runner, tmp_path):
+    root, pred_dir, _ = tree
+    out = tmp_path / "out" / "score.json"
+    r = cli_runner.invoke(main, ["score", "--dataset", "cityscapes", "--root", str(root), "--split", "val",
+                                 "--pred", str(pred_dir), "--json", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "mean" in r.output and "vehicle" in r.output
+    data = json.loads(out.read_text())
+    for key in ("miou", "iiou", "cat_iou", "cat_iiou"):
+        assert 0 <= data[key] <= 1
+    assert data["num_images"] == 4 and data["class_iou"]["train"] is None
+    assert set(data["category_iiou"]) == {"human", "vehicle"} and len(data["class_iou"]) == 19
+
+    r = cli_runner.invoke(main, ["score", "--dataset", "cityscapes", "--root", str(root), "--pred",
+                                 str(tmp_path / "missing")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("error: ")
