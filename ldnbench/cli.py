@@ -40,6 +40,37 @@ def main() -> None:
 
 
 # --- evaluation: eval, score (ldnbench.evaluate) -------------------------------------------------
+@main.command("score")
+@click.option("--dataset", required=True, help="Dataset adapter holding the ground truth (e.g. cityscapes).")
+@click.option("--root", type=click.Path(), default=None, help="Dataset root (default ./datasets/<dataset>).")
+@click.option("--split", default="val", show_default=True)
+@click.option("--pred", "pred_dir", required=True, type=click.Path(),
+              help="Folder of prediction PNGs, searched recursively; <sample id>*.png (Cityscapes: city_seq_frame*.png).")
+@click.option("--pred-format", type=click.Choice(["labelIds", "trainIds"]), default=None,
+              help="labelIds: Cityscapes label ids 0..33 (what the official tool takes; default for Cityscapes); "
+                   "trainIds: class indices of the dataset's label space, 255 = void.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write the metrics as JSON here.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Decoding/accumulating threads.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def score_cmd(dataset, root, split, pred_dir, pred_format, json_out, workers, quiet):
+    """Score a folder of prediction PNGs with the official Cityscapes metric definitions."""
+    from ldnbench.data.registry import get_dataset
+    from ldnbench.fileio import atomic_write_json
+    from ldnbench.report.records import jsonable
+    from ldnbench.score import score_predictions
+
+    ds = get_dataset(dataset, root, split)
+    res = score_predictions(ds, pred_dir, pred_format=pred_format, workers=workers, progress=not quiet)
+    if res.extra:
+        shown = ", ".join(str(p) for p in res.extra[:3]) + (" ..." if len(res.extra) > 3 else "")
+        click.echo(f"warning: {len(res.extra)} PNG(s) in {pred_dir} match no {dataset} {split} sample and were "
+                   f"ignored: {shown}", err=True)
+    click.echo(res.metrics.format_table())
+    click.echo(f"scored {res.metrics.num_images} images in {res.seconds:.1f} s")
+    if json_out:
+        atomic_write_json(json_out, jsonable(res.to_json()))
+        click.echo(f"wrote {json_out}")
+
 
 
 # --- training: train (ldnbench.train) ------------------------------------------------------------
