@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldnbench.data.labels import LabelMapping
+from ldnbench.inference import MS_SCALES, predict, predict_probs
+
+
+class PointwiseNet(nn.Module):
+    """Per-pixel 1x1 conv: a model whose output at a pixel depends only on that pixel."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, num_classes, 1)
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class CoarseNet(nn.Module):
+    """Follows the model contract: pads to a multiple of 4, predicts at 1/4, upsamples, crops back."""
+
+    pad_multiple = 4
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, num_classes, 3, padding=1)
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, -w % 4, 0, -h % 4))
+        y = self.conv(F.avg_pool2d(x, 4))
+        return F.interpolate(y, scale_factor=4, mode="bilinear", align_corners=False)[..., :h, :w]
+
+
+def _image(h=37, w=53, n=1, seed=0):
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_single_scale_is_argmax_at_input_resolution():
+    model = CoarseNet().eval()
+    x = _image()
+    out = predict(model, x[0])
+    assert out.shape == (37, 53) and out.dtype == torch.uint8
+    assert torch.equal(out, model(x)[0].argmax(0).to(torch.uint8))
+    batch = predict(model, _image(n=2))
+    assert batch.shape == (2, 37, 53)
+
+
+def test_multiscale_flip_averages_softmax_of_every_pass():
+    model = CoarseNet().eval()
+    x = _image()
+    expected = 0
+    for s in MS_SCALES:
+        xs = F.interpolate(x, size=(round(37 * s), round(53 * s)), mode="bilinear", align_corners=False)
+        for flip in (False, True):
+            p = model(xs.flip(-1) if flip else xs).softmax(1)
+            p = p.flip(-1) if flip else p
+            expected = expected + F.interpolate(p, size=(37, 53), mode="bilinear", align_corners=False)
+    expected = expected / (2 * len(MS_SCALES))
+    with torch.no_grad():
+        probs = predict_probs(model, x, MS_SCALES, flip=True)
+        assert torch.allclose(probs, expected, atol=1e-5)
+        labels = predict(model, x, MS_SCALES, flip=True)
+    assert torch.equal(labels[0], expected[0].argmax(0).to(torch.uint8))
+    assert not torch.equal(labels[0], predict(model, x)[0])  # multi-scale really changes the output
+
+
+def test_sliding_window_equals_whole_image_for_a_pointwise_model():
+    model = PointwiseNet().eval()
+    x = _image(50, 70)
+    whole = predict_probs(model, x)
+    tiled = predict_probs(model, x, sliding=(32, 0.25))
+    assert torch.allclose(whole, tiled, atol=1e-6)
+    assert torch.equal(predict(model, x, sliding=32), predict(model, x))
+
+
+def test_mapping_selects_destination_logits():
+    model = PointwiseNet(5).eval()
+    x = _image()
+    mapping = LabelMapping("src", "dst", (3, 1))
+    out = predict(model, x, mapping=mapping)
+    logits = model(x)[0][[3, 1]]
+    assert torch.equal(out[0], logits.argmax(0).to(torch.uint8))
+    assert set(out.unique().tolist()) <= {0, 1}
+
+
+def test_bad_inputs():
+    model = PointwiseNet().eval()
+    with pytest.raises(ValueError, match="Nx3xHxW"):
+        predict(model, torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="positive"):
+        predict(model, _image(), scales=(0.0,))
+    with pytest.raises(ValueError, match="eval"):
+        predict(_TrainModeNet().train(), _image())
+
+
+class _TrainModeNet(PointwiseNet):
+    def forward(self, x):
+        return (self.conv(x), [])
