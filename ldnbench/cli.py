@@ -193,4 +193,49 @@ def prune_cmd(model, checkpoint, dataset, root, split, fractions, blocks, device
         click.echo(f"figure: {f}")
 
 
+@main.command("cross")
+@click.option("--train", "train_sets", required=True,
+              help="Comma list of training sets; '+' joins datasets into one (e.g. vistas,cityscapes,cityscapes+vistas).")
+@click.option("--eval", "eval_sets", required=True, help="Comma list of evaluation datasets (e.g. cityscapes,kitti).")
+@click.option("--model", default="ldn121", show_default=True)
+@click.option("--roots", multiple=True, metavar="NAME=DIR", help="Dataset folder per name (repeatable or comma list).")
+@click.option("--results", default="results", show_default=True,
+              help="Where finished runs are looked up and the study is written (results/cross/...).")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--eval-split", default="val", show_default=True)
+@click.option("--eval-limit", type=int, default=None, help="Evaluate on the first N images of each set only.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training option [default: the dataset preset].")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--crop", type=int, default=None)
+@click.option("--scale", type=float, nargs=2, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--pretrained", default=None, help="imagenet, none or PATH [default: imagenet].")
+@click.option("--max-iters", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--workers", type=int, default=None)
+@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE")
+def cross_cmd(train_sets, eval_sets, model, roots, results, train_split, eval_split, eval_limit, device, epochs,
+              batch_size, crop, scale, lr, pretrained, max_iters, seed, workers, model_options):
+    """Train on each training set, evaluate on every eval set: the cross-dataset mIoU matrix (paper Table 7)."""
+    from ldnbench.errors import UserError as _UserError
+    from ldnbench.studies.cross import CrossConfig, format_matrix, parse_names, parse_roots, run_cross
+    from ldnbench.train import parse_options
+
+    opts = dict(epochs=epochs, batch_size=batch_size, crop=crop, scale=tuple(scale) if scale else None, lr=lr,
+                pretrained=pretrained, max_iters=max_iters, seed=seed, workers=workers)
+    if model_options:
+        opts["model_options"] = parse_options(model_options)
+    cfg = CrossConfig(train=parse_names(train_sets), eval=parse_names(eval_sets), model=model,
+                      roots=parse_roots(roots), results=results, train_split=train_split, eval_split=eval_split,
+                      eval_limit=eval_limit, device=device, train_options={k: v for k, v in opts.items() if v is not None})
+    res = run_cross(cfg, progress=click.echo)
+    click.echo("\nmIoU (%) — rows: training set, columns: evaluation set\n" + format_matrix(res.matrix) + "\n")
+    for f in res.files:
+        click.echo(f"wrote {f}")
+    if res.missing:
+        raise _UserError(f"{len(res.missing)} cell(s) missing ({'; '.join(f'{t} -> {e}: {w}' for (t, e), w in res.missing.items())}); "
+                         "fix the cause and rerun: finished cells are kept")
+
+
 # --- benchmarks: bench memory, bench speed (ldnbench.bench) --------------------------------------

@@ -13,8 +13,9 @@ from ldnbench.data.labels import LabelSpace
 from ldnbench.errors import UserError
 from ldnbench.metrics import SegMetrics
 from ldnbench.models import build_model
-from ldnbench.studies.prune import (PruneConfig, UnitPruner, backbone_blocks, load_trained_model, parse_fractions,
-                                    run_prune, select_blocks, units_to_prune)
+from ldnbench.studies.common import load_trained_model
+from ldnbench.studies.prune import (PruneConfig, UnitPruner, backbone_blocks, parse_fractions, run_prune,
+                                    select_blocks, units_to_prune)
 
 SMALL_DN = dict(block_config=(2, 2, 4, 4), growth_rate=8, num_init_features=16)
 
@@ -126,7 +127,7 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _evaluate(model, dataset):
+def _evaluate(model, dataset, mapping=None):
     from ldnbench.data.transforms import to_input
 
     m = SegMetrics(dataset.label_space)
@@ -145,7 +146,8 @@ def test_run_prune_writes_csv_record_figures_and_keeps_checkpoint(tmp_path):
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     calls = []
 
-    def evaluate_fn(m, ds):
+    def evaluate_fn(m, ds, mapping):
+        assert mapping is None
         calls.append(1)
         return _evaluate(m, ds)
 
@@ -179,4 +181,6 @@ def test_load_trained_model_errors(tmp_path):
     m = build_model("lrn18-32to4", 3)
     torch.save({"model": m.state_dict()}, good)
     m2 = load_trained_model("lrn18-32to4", good, 3)
+    with pytest.raises(UserError, match="does not say which model"):
+        load_trained_model(None, good, None)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))

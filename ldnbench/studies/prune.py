@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ldnbench.errors import UserError
+from ldnbench.studies.common import EvaluateFn, dataset_label_space, default_evaluate, load_trained_model, model_mapping
 
 DEFAULT_FRACTIONS = tuple(round(i / 10, 1) for i in range(11))
 
@@ -146,9 +147,6 @@ def parse_fractions(spec: str | Sequence[float]) -> list[float]:
     return sorted(set(vals))
 
 
-EvaluateFn = Callable[[nn.Module, Any], dict]
-
-
 @dataclass
 class PruneConfig:
     """One pruning study: a trained model evaluated under increasing tail pruning."""
@@ -182,7 +180,7 @@ class PruneResult:
 
 
 def prune_curve(model: nn.Module, dataset: Any, fractions: Sequence[float], evaluate_fn: EvaluateFn,
-                blocks: str | Sequence[str] = "last2",
+                blocks: str | Sequence[str] = "last2", mapping: Any = None,
                 progress: Callable[[str], None] | None = None) -> tuple[list[dict], dict[str, int]]:
     """Evaluate ``model`` on ``dataset`` once per fraction; the model is left unpruned afterwards."""
     sel = select_blocks(model, blocks)
@@ -190,7 +188,7 @@ def prune_curve(model: nn.Module, dataset: Any, fractions: Sequence[float], eval
     for f in fractions:
         units = units_to_prune(sel, f)
         with UnitPruner(units):
-            m = evaluate_fn(model, dataset)
+            m = evaluate_fn(model, dataset, mapping)
         curve.append({"fraction": float(f), "units_pruned": len(units), "miou": m.get("miou"),
                       "class_iou": dict(m.get("class_iou") or {})})
         if progress:
@@ -198,47 +196,6 @@ def prune_curve(model: nn.Module, dataset: Any, fractions: Sequence[float], eval
             progress(f"fraction {f:.2f}: {len(units):3d} units off, mIoU "
                      f"{'-' if miou is None else f'{100 * miou:.1f}'}")
     return curve, {b: len(u) for b, u in sel}
-
-
-def load_trained_model(model_name: str, checkpoint: str | Path | None, num_classes: int) -> nn.Module:
-    """Build ``model_name`` and load a trainer checkpoint (``last.pt``/``best.pt``) or a bare state dict."""
-    from ldnbench.models import build_model, resolve_model_name
-
-    model = build_model(resolve_model_name(model_name), num_classes)
-    if checkpoint is None:
-        return model
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass the last.pt/best.pt of a training run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not a usable checkpoint
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
-    state = ckpt
-    if isinstance(ckpt, dict):
-        for key in ("model", "model_state", "state_dict"):
-            if isinstance(ckpt.get(key), dict):
-                state = ckpt[key]
-                break
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} does not fit model {model_name} with {num_classes} classes ({first}); "
-                        "pass the --model it was trained with") from None
-    return model
-
-
-def default_evaluate(device: str = "cpu") -> EvaluateFn:
-    """``ldnbench.evaluate.evaluate`` (single scale) returning the metrics dict."""
-    from ldnbench.evaluate import evaluate
-
-    def run(model: nn.Module, dataset: Any) -> dict:
-        res = evaluate(model, dataset, device=device)
-        metrics = getattr(res, "metrics", res)
-        return metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)
-
-    return run
 
 
 def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model: nn.Module | None = None,
@@ -254,12 +211,13 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
         dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
     if cfg.max_images is not None and cfg.max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(cfg.max_images))
-    space = getattr(dataset, "label_space", None) or getattr(getattr(dataset, "dataset", None), "label_space")
+    space = dataset_label_space(dataset)
     if model is None:
         model = load_trained_model(cfg.model, cfg.checkpoint, space.num_classes)
     model.eval()
     evaluate_fn = evaluate_fn or default_evaluate(cfg.device)
-    curve, per_block = prune_curve(model, dataset, cfg.fractions, evaluate_fn, cfg.blocks, progress)
+    curve, per_block = prune_curve(model, dataset, cfg.fractions, evaluate_fn, cfg.blocks, model_mapping(model, dataset),
+                                   progress)
     classes = list(space.classes)
     result = PruneResult(curve, classes, per_block)
     rec = make_record("prune", model=getattr(model, "name", cfg.model), dataset=cfg.dataset, root=cfg.root,
