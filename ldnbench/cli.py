@@ -37,6 +37,56 @@ def main() -> None:
 
 
 # --- datasets: datasets, datasets check, synth (ldnbench.data) -----------------------------------
+@main.group("datasets", invoke_without_command=True)
+@click.pass_context
+def datasets_cmd(ctx: click.Context) -> None:
+    """List the dataset adapters (label space, splits, expected folder); see `datasets check`."""
+    if ctx.invoked_subcommand is None:
+        from ldnbench.data.check import list_datasets
+
+        click.echo(list_datasets())
+
+
+@datasets_cmd.command("check")
+@click.argument("name")
+@click.option("--root", type=click.Path(file_okay=False), help="Dataset folder [default: ./datasets/NAME].")
+@click.option("--split", help="Check only this split [default: all splits found].")
+@click.option("--full", is_flag=True, help="Read every label and image; print the per-class pixel histogram.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def datasets_check_cmd(name: str, root: str | None, split: str | None, full: bool, as_json: bool) -> None:
+    """Verify the layout of dataset NAME: pairs per split, label values, unpaired or corrupt files.
+
+    Exits with status 1 when the folder is wrong or any file has a problem.
+    """
+    import json
+
+    from ldnbench.data.check import check_dataset, format_report
+
+    report = check_dataset(name, root=root, split=split, full=full, progress=not as_json)
+    click.echo(json.dumps(report.to_dict(), indent=1) if as_json else format_report(report))
+    if report.problems:
+        sys.exit(1)
+
+
+@main.command("synth")
+@click.option("--root", default="datasets/synthetic", show_default=True, type=click.Path(file_okay=False),
+              help="Writes ROOT/cityscapes, ROOT/vistas and ROOT/kitti.")
+@click.option("--size", default="160x80", show_default=True, help="WxH of the Cityscapes-like images.")
+@click.option("--n", "n", default=150, show_default=True, type=click.IntRange(min=1), help="Images per dataset.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def synth_cmd(root: str, size: str, n: int, seed: int) -> None:
+    """Generate synthetic street scenes in the Cityscapes, Vistas v1.2 and KITTI formats."""
+    from ldnbench.data.synthetic import generate
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size must look like 160x80 (width x height), got {size!r}", 2) from None
+    counts = generate(root, size=(w, h), n=n, seed=seed)
+    for name, per_split in counts.items():
+        splits = ", ".join(f"{k} {v}" for k, v in sorted(per_split.items()))
+        click.echo(f"{name:<11} {splits:<20} -> ldnbench datasets check {name} --root {root}/{name}")
+
 
 
 # --- evaluation: eval, score (ldnbench.evaluate) -------------------------------------------------
