@@ -289,3 +289,86 @@ def cross_cmd(train_sets, eval_sets, model, roots, results, train_split, eval_sp
 
 
 # --- benchmarks: bench memory, bench speed (ldnbench.bench) --------------------------------------
+
+
+@main.group("bench")
+def bench() -> None:
+    """Training-memory and inference-speed benchmarks (paper Tables 4, 11, 12)."""
+
+
+def _bench_outputs(record: dict, rows: list[dict], out: str | None, json_out: str | None) -> None:
+    from pathlib import Path
+
+    from ldnbench.fileio import atomic_write_json
+    from ldnbench.report.records import write_record
+
+    path = Path(out) if out else Path("results") / "bench" / f"{record['run_id']}.json"
+    write_record(path, record)
+    click.echo(f"record: {path}")
+    if json_out:
+        atomic_write_json(json_out, rows)
+        click.echo(f"json: {json_out}")
+
+
+@bench.command("memory")
+@click.option("--model", default="ldn121", show_default=True, help="Model name or alias (see `ldnbench zoo`).")
+@click.option("--down", type=int, default=None, help="Replace the model's downsampling factor d of d→u (e.g. 32).")
+@click.option("--up", type=int, default=None, help="Replace the model's output subsampling u of d→u (e.g. 4).")
+@click.option("--crop", type=int, default=768, show_default=True, help="Square training crop side.")
+@click.option("--batch-size", type=int, default=6, show_default=True)
+@click.option("--policies", default="all", show_default=True,
+              help="'all' or a comma list of checkpointing policies (none, 3x3, cat-1x1, ...).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--steps", type=int, default=2, show_default=True, help="Timed training steps per policy.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps first (memory still counts).")
+@click.option("--find-max-batch", is_flag=True, help="CUDA: also search the largest batch that fits.")
+@click.option("--num-classes", type=int, default=19, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads in each worker (default: torch's).")
+@click.option("--json", "json_out", default=None, metavar="OUT",
+              help="Also write the rows [{policy, peak_mb, images_per_s, max_batch}] to OUT.")
+@click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
+def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps, warmup, find_max_batch,
+                     num_classes, threads, json_out, out):
+    """Peak training memory and images/s per checkpointing policy, each in a fresh process."""
+    from ldnbench import bench as B
+
+    cfg = B.MemoryConfig(model=B.resolve_bench_model(model, down, up), num_classes=num_classes, crop=crop,
+                         batch_size=batch_size, steps=steps, warmup=warmup, device=device,
+                         find_max_batch=find_max_batch, threads=threads)
+    result = B.bench_memory(cfg, policies, progress=lambda m: click.echo(m, err=True))
+    click.echo(f"{cfg.model}: training memory at {crop}x{crop}, batch {batch_size}, {device}")
+    click.echo(B.format_memory_table(result))
+    _bench_outputs(B.memory_record(result, command=sys.argv), [r.json_row() for r in result.rows], out, json_out)
+    if any(r.error for r in result.rows):
+        raise UserError("some policies failed (see the table); the others were recorded.", 1)
+
+
+@bench.command("speed")
+@click.option("--model", default="ldn121", show_default=True, help="Model name or alias (see `ldnbench zoo`).")
+@click.option("--size", default="1024x2048", show_default=True, help="Input HEIGHTxWIDTH (or one side).")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--amp", is_flag=True, help="Autocast: bf16 on CPU, fp16 on CUDA.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Channels-last memory format for weights and input.")
+@click.option("--compare", default="", metavar="NAMES",
+              help="Comma list of torchvision models to time in the same run, e.g. "
+                   "deeplabv3_resnet50,fcn_resnet50,lraspp_mobilenet_v3_large (random weights).")
+@click.option("--runs", type=int, default=5, show_default=True, help="Timed forwards per model.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed forwards first per model.")
+@click.option("--num-classes", type=int, default=19, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
+@click.option("--json", "json_out", default=None, metavar="OUT", help="Also write the rows as a JSON list to OUT.")
+@click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
+def bench_speed_cmd(model, size, batch_size, device, amp, channels_last, compare, runs, warmup, num_classes,
+                    threads, json_out, out):
+    """Inference latency (median, IQR), FPS and GFLOP/s, beside torchvision models."""
+    from ldnbench import bench as B
+
+    names = tuple(B.resolve_compare(compare))  # first: a typo must fail before anything is built
+    cfg = B.SpeedConfig(model=B.resolve_bench_model(model), num_classes=num_classes, size=B.parse_size(size),
+                        batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
+                        compare=names, runs=runs, warmup=warmup, threads=threads)
+    result = B.bench_speed(cfg, progress=lambda m: click.echo(m, err=True))
+    click.echo(B.format_speed_table(result))
+    _bench_outputs(B.speed_record(result, command=sys.argv), [r.json_row() for r in result.rows], out, json_out)

@@ -1,0 +1,683 @@
+"""Speed and memory benchmarks: training memory per checkpointing policy, inference latency.
+
+``bench_memory`` reproduces the rows of paper Tables 11/12: every checkpointing policy trains in its
+own fresh Python process (``python -m ldnbench.bench memory-worker ...``), so that no allocator
+cache, oneDNN primitive cache or heap fragmentation of one policy leaks into the next.
+
+Peak memory is measured the same way for every policy:
+
+* CUDA: ``torch.cuda.max_memory_allocated()`` over the measured steps (it includes weights,
+  gradients and optimizer state, like the paper's numbers).
+* CPU: the peak resident set size above the baseline RSS taken right before the first training
+  step (weights, input batch and allocator start-up are in the baseline; gradients, optimizer state
+  and activations are not). On Linux the kernel's high-water mark ``VmHWM`` is reset by writing
+  ``5`` to ``/proc/self/clear_refs`` at the baseline and read after the last step, so short spikes
+  are not missed as with RSS sampling. Without ``/proc`` the fallback is ``ru_maxrss``, which cannot
+  be reset (the row's ``method`` says which was used).
+  glibc's malloc raises its mmap threshold dynamically up to 32 MB and then keeps freed
+  activation buffers in the heap, so RSS would overstate live memory by whatever the allocator
+  hoards. The worker therefore starts with ``MALLOC_MMAP_THRESHOLD_`` fixed (default 1 MiB,
+  :attr:`MemoryConfig.malloc_mmap_threshold`), which makes every large tensor an mmap that is
+  returned to the OS on free; this applies only inside the worker process.
+
+``bench_speed`` times inference (forward pass to logits at input resolution) with warm-up and
+device synchronisation, reports median and inter-quartile range, FPS and achieved GFLOP/s
+(2 × MACs counted by ``torch.utils.flop_counter`` on the same input), and runs torchvision
+segmentation models (random weights, nothing downloaded) in the same process for a ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ldnbench.errors import UserError
+from ldnbench.models.checkpointing import POLICIES as _MODEL_POLICIES
+
+#: Checkpointing policies of paper Table 11, in the table's order (the model zoo's names).
+POLICIES = tuple(_MODEL_POLICIES)
+
+#: torchvision segmentation models accepted by ``--compare`` (built with random weights).
+COMPARE_MODELS = {
+    "deeplabv3_resnet50": "DeepLabV3, ResNet-50 backbone, output stride 8",
+    "deeplabv3_resnet101": "DeepLabV3, ResNet-101 backbone, output stride 8",
+    "deeplabv3_mobilenet_v3_large": "DeepLabV3, MobileNetV3-Large backbone",
+    "fcn_resnet50": "FCN, ResNet-50 backbone, output stride 8",
+    "fcn_resnet101": "FCN, ResNet-101 backbone, output stride 8",
+    "lraspp_mobilenet_v3_large": "Lite R-ASPP, MobileNetV3-Large backbone",
+}
+
+#: Columns of ``--json`` for ``bench memory`` (a stable schema: exactly these keys, in this order).
+MEMORY_JSON_KEYS = ("policy", "peak_mb", "images_per_s", "max_batch")
+#: Columns of ``--json`` for ``bench speed``.
+SPEED_JSON_KEYS = ("model", "size", "batch_size", "latency_ms_median", "latency_ms_iqr", "fps", "gmac",
+                   "gflops_per_s", "relative_latency")
+
+_MB = 2**20
+
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def check_device(device: str) -> str:
+    """``cpu`` / ``cuda`` / ``cuda:N`` after checking it exists (UserError otherwise)."""
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("CUDA is not available on this machine (torch sees no GPU); use --device cpu.", 2)
+        return device
+    raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N.", 2)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1024x2048"`` (height x width) or ``"768"`` (square) -> (height, width)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        hw = tuple(int(p) for p in parts)
+    except ValueError:
+        hw = ()
+    if len(hw) == 1:
+        hw = (hw[0], hw[0])
+    if len(hw) != 2 or min(hw) < 1:
+        raise UserError(f"size {text!r} is not HEIGHTxWIDTH (e.g. 1024x2048) or a single positive side.", 2)
+    return hw  # type: ignore[return-value]
+
+
+def resolve_policies(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"all"`` or a comma list -> list of known policy names (UserError exit 2 on unknown names)."""
+    names = list(POLICIES) if spec == "all" else (
+        [p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec))
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown or not names:
+        raise UserError(f"unknown checkpointing polic{'y' if len(unknown) == 1 else 'ies'} "
+                        f"{', '.join(map(repr, unknown)) or '(none given)'}; valid: all, {', '.join(POLICIES)}.", 2)
+    return names
+
+
+def resolve_compare(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Comma list of torchvision model names -> list (UserError exit 2 naming the valid ones)."""
+    if not spec:
+        return []
+    names = [p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
+    unknown = [n for n in names if n not in COMPARE_MODELS]
+    if unknown:
+        raise UserError(f"unknown --compare model {', '.join(map(repr, unknown))}; valid: "
+                        f"{', '.join(COMPARE_MODELS)}.", 2)
+    return names
+
+
+def resolve_bench_model(name: str, down: int | None = None, up: int | None = None) -> str:
+    """Canonical zoo name; ``down``/``up`` replace the d→u part (``ldn121`` + 32, 4 -> ``ldn121-32to4``)."""
+    from ldnbench.models import resolve_model_name
+
+    canonical = resolve_model_name(name)
+    if down is None and up is None:
+        return canonical
+    import re
+
+    m = re.match(r"^(.*?)-(\d+)to(\d+)(.*)$", canonical)
+    if not m:
+        raise UserError(f"model {canonical!r} has no d→u variant; drop --down/--up.", 2)
+    d = down if down is not None else int(m.group(2))
+    u = up if up is not None else int(m.group(3))
+    return resolve_model_name(f"{m.group(1)}-{d}to{u}{m.group(4)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# peak memory meter
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of this process between :meth:`start` and :meth:`peak_mb` (see module docstring)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.baseline_mb = 0.0
+        self.method = ""
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mb = torch.cuda.memory_allocated(self.device) / _MB
+            self.method = "cuda-max-allocated"
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            rss = _proc_status_kb("VmRSS")
+            if rss is None:
+                raise OSError("no VmRSS")
+            self.baseline_mb = rss / 1024
+            self.method = "rss-hwm"
+        except OSError:
+            self.baseline_mb = self._maxrss_kb() / 1024
+            self.method = "ru_maxrss"
+
+    @staticmethod
+    def _maxrss_kb() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r / 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB on Linux
+
+    def peak_mb(self) -> float:
+        """Peak since :meth:`start`: CUDA total allocated; CPU resident memory above the baseline."""
+        if self.method == "cuda-max-allocated":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / _MB
+        if self.method == "rss-hwm":
+            return (_proc_status_kb("VmHWM") or 0) / 1024 - self.baseline_mb
+        return self._maxrss_kb() / 1024 - self.baseline_mb
+
+
+# ------------------------------------------------------------------------------------------------
+# bench memory
+
+
+@dataclass
+class MemoryConfig:
+    """What one ``bench memory`` run measures (the same for every policy)."""
+
+    model: str = "ldn121-64to4"
+    num_classes: int = 19
+    crop: int = 768
+    batch_size: int = 6
+    steps: int = 2
+    warmup: int = 1
+    device: str = "cpu"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    find_max_batch: bool = False
+    max_batch_limit: int = 256
+    threads: int | None = None
+    seed: int = 0
+    #: glibc mmap threshold (bytes) set in the worker's environment; None keeps glibc's dynamic one.
+    malloc_mmap_threshold: int | None = 2**20
+
+
+@dataclass
+class MemoryRow:
+    """One policy's measurement (``peak_mb``/``images_per_s`` are None if the worker failed)."""
+
+    policy: str
+    peak_mb: float | None
+    images_per_s: float | None
+    max_batch: int | None = None
+    max_batch_note: str | None = None
+    step_s: list[float] = field(default_factory=list)
+    baseline_mb: float | None = None
+    method: str | None = None
+    pid: int | None = None
+    error: str | None = None
+
+    def json_row(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in MEMORY_JSON_KEYS}
+
+
+def _train_batch(cfg: MemoryConfig, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(batch, 3, cfg.crop, cfg.crop, generator=g)
+    y = torch.randint(0, cfg.num_classes, (batch, cfg.crop, cfg.crop), generator=g, dtype=torch.int64)
+    return x.to(device), y.to(device)
+
+
+def _make_step(model: nn.Module, loss_fn: Callable, opt: torch.optim.Optimizer) -> Callable:
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _find_max_batch(cfg: MemoryConfig, step: Callable, device: str) -> tuple[int | None, str | None]:
+    """Largest batch for which one training step fits on the GPU: doubling, then bisection."""
+    if not device.startswith("cuda"):
+        return None, ("not searched on CPU: host RAM has no allocator limit to hit, a too-large batch "
+                      "swaps or gets the process OOM-killed instead of failing cleanly")
+
+    def fits(b: int) -> bool:
+        x = y = None
+        try:
+            x, y = _train_batch(cfg, b, device)
+            step(x, y)
+            torch.cuda.synchronize(device)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del x, y
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while hi <= cfg.max_batch_limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if lo == 0:
+        return 0, "a batch of 1 does not fit"
+    if hi > cfg.max_batch_limit:
+        return lo, f"search capped at {cfg.max_batch_limit}"
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, None
+
+
+def measure_policy(cfg: MemoryConfig, policy: str) -> MemoryRow:
+    """Train ``cfg.warmup + cfg.steps`` steps with ``policy`` in THIS process and measure them.
+
+    Call it in a fresh process (as :func:`bench_memory` does) for numbers comparable across policies.
+    """
+    from ldnbench.losses import SegLoss
+    from ldnbench.models import build_model
+
+    device = check_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.num_classes, **cfg.model_options).to(device)
+    model.set_checkpointing(policy)
+    model.train()
+    # The paper's optimizer (AMSGrad); its state is allocated in the first step, after the baseline.
+    opt = torch.optim.Adam(model.parameters(), lr=4e-4, amsgrad=True)
+    step = _make_step(model, SegLoss(cfg.num_classes), opt)
+    x, y = _train_batch(cfg, cfg.batch_size, device)
+
+    meter = PeakMemory(device)
+    meter.start()
+    for _ in range(cfg.warmup):
+        step(x, y)
+    times = []
+    for _ in range(cfg.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step(x, y)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = meter.peak_mb()
+    total = sum(times)
+    row = MemoryRow(policy=policy, peak_mb=round(peak, 1),
+                    images_per_s=round(cfg.batch_size * len(times) / total, 4) if total > 0 else None,
+                    step_s=[round(t, 4) for t in times], baseline_mb=round(meter.baseline_mb, 1),
+                    method=meter.method, pid=os.getpid())
+    if cfg.find_max_batch:
+        del x, y
+        row.max_batch, row.max_batch_note = _find_max_batch(cfg, step, device)
+    return row
+
+
+def _worker_env(cfg: MemoryConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    if cfg.malloc_mmap_threshold is not None:
+        # A fixed threshold also switches off glibc's dynamic threshold (see the module docstring).
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(cfg.malloc_mmap_threshold))
+    if cfg.threads:
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
+    return env
+
+
+def run_policy_subprocess(cfg: MemoryConfig, policy: str, timeout: float | None = None) -> MemoryRow:
+    """Run :func:`measure_policy` in a fresh ``python -m ldnbench.bench memory-worker`` process.
+
+    A crashed or killed worker gives a row with ``error`` set instead of raising, so that the
+    other policies' measurements are kept.
+    """
+    with tempfile.TemporaryDirectory(prefix="ldnbench-bench-") as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, "-m", "ldnbench.bench", "memory-worker", "--policy", policy,
+               "--config", json.dumps(asdict(cfg)), "--out", str(out)]
+        try:
+            proc = subprocess.run(cmd, env=_worker_env(cfg), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return MemoryRow(policy, None, None, error=f"worker timed out after {timeout:.0f} s")
+        if proc.returncode == 0 and out.exists():
+            return MemoryRow(**json.loads(out.read_text()))
+        if proc.returncode < 0:
+            reason = f"worker killed by signal {-proc.returncode}"
+            if proc.returncode == -9:
+                reason += " (most likely out of memory: try a smaller --batch-size or --crop)"
+        else:
+            tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            reason = f"worker failed (exit {proc.returncode}): {tail[-1] if tail else 'no message'}"
+        return MemoryRow(policy, None, None, error=reason)
+
+
+@dataclass
+class MemoryResult:
+    config: MemoryConfig
+    rows: list[MemoryRow]
+
+    def summary(self) -> dict[str, Any]:
+        """Reduction of peak memory and the speed kept, of every policy relative to ``none``."""
+        base = next((r for r in self.rows if r.policy == "none" and r.peak_mb), None)
+        out: dict[str, Any] = {}
+        if base is None:
+            return out
+        for r in self.rows:
+            if r.policy != "none" and r.peak_mb and base.images_per_s and r.images_per_s:
+                out[r.policy] = {"memory_reduction": round(base.peak_mb / r.peak_mb, 3),
+                                 "speed_ratio": round(r.images_per_s / base.images_per_s, 3)}
+        return out
+
+
+def bench_memory(cfg: MemoryConfig, policies: list[str] | str = "all",
+                 progress: Callable[[str], None] | None = None, timeout: float | None = None) -> MemoryResult:
+    """Measure every policy in its own fresh worker process, one after the other."""
+    from ldnbench.models import build_model
+
+    check_device(cfg.device)
+    names = resolve_policies(policies)
+    if cfg.crop < 1 or cfg.batch_size < 1 or cfg.steps < 1 or cfg.warmup < 0:
+        raise UserError("--crop, --batch-size and --steps must be positive and --warmup >= 0.", 2)
+    # Fail here, in one line, rather than in every worker: the model must build with these options.
+    try:
+        build_model(cfg.model, cfg.num_classes, **cfg.model_options)
+    except TypeError as e:
+        raise UserError(f"model {cfg.model!r} does not accept these options: {e}", 2) from None
+    rows = []
+    for p in names:
+        if progress:
+            progress(f"policy {p}: training {cfg.warmup}+{cfg.steps} steps of batch {cfg.batch_size} "
+                     f"at {cfg.crop}x{cfg.crop} on {cfg.device} in a fresh process ...")
+        rows.append(run_policy_subprocess(cfg, p, timeout=timeout))
+    return MemoryResult(cfg, rows)
+
+
+def memory_record(result: MemoryResult, command: list[str] | None = None) -> dict[str, Any]:
+    """The ``bench-memory`` result record (rows carry model, policy, peak_mb, images_per_s, ...)."""
+    from ldnbench.report.records import make_record
+
+    cfg = result.config
+    rows = [{"model": cfg.model, "size": f"{cfg.crop}x{cfg.crop}", "batch_size": cfg.batch_size, **asdict(r)}
+            for r in result.rows]
+    return make_record("bench-memory", model=cfg.model, model_options=cfg.model_options, device=cfg.device,
+                       metrics=result.summary(), command=command, config=asdict(cfg), rows=rows)
+
+
+def format_memory_table(result: MemoryResult) -> str:
+    base = next((r for r in result.rows if r.policy == "none" and r.peak_mb), None)
+    lines = [f"{'policy':<24} {'peak MB':>9} {'vs none':>8} {'images/s':>9} {'vs none':>8} {'max batch':>9}"]
+    for r in result.rows:
+        if r.error:
+            lines.append(f"{r.policy:<24} {'failed: ' + r.error}")
+            continue
+        mem_x = f"{base.peak_mb / r.peak_mb:.2f}x" if base and r.peak_mb else "-"
+        spd = f"{r.images_per_s / base.images_per_s:.0%}" if base and r.images_per_s and base.images_per_s else "-"
+        mb = "-" if r.max_batch is None else str(r.max_batch)
+        lines.append(f"{r.policy:<24} {r.peak_mb:>9.0f} {mem_x:>8} {r.images_per_s:>9.3f} {spd:>8} {mb:>9}")
+    notes = {r.max_batch_note for r in result.rows if r.max_batch_note}
+    lines += [f"max batch: {n}" for n in sorted(notes)]
+    if result.rows and result.rows[0].method:
+        lines.append(f"peak memory: {_METHOD_TEXT.get(result.rows[0].method, result.rows[0].method)}")
+    return "\n".join(lines)
+
+
+_METHOD_TEXT = {
+    "rss-hwm": "resident set high-water mark (VmHWM) above the RSS right before the first step",
+    "ru_maxrss": "ru_maxrss above its value before the first step (cannot be reset: lower bound)",
+    "cuda-max-allocated": "torch.cuda.max_memory_allocated (weights, gradients, optimizer state, activations)",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# bench speed
+
+
+@dataclass
+class SpeedConfig:
+    """What one ``bench speed`` run measures (the same for every model in it)."""
+
+    model: str = "ldn121-64to4"
+    num_classes: int = 19
+    size: tuple[int, int] = (1024, 2048)
+    batch_size: int = 1
+    device: str = "cpu"
+    amp: bool = False
+    channels_last: bool = True
+    compare: tuple[str, ...] = ()
+    runs: int = 5
+    warmup: int = 1
+    model_options: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class SpeedRow:
+    model: str
+    size: str
+    batch_size: int
+    latency_ms_median: float
+    latency_ms_iqr: float
+    latency_ms_min: float
+    latency_ms_max: float
+    fps: float
+    gmac: float | None
+    gflops_per_s: float | None
+    relative_latency: float | None = None
+    params_m: float | None = None
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def json_row(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SPEED_JSON_KEYS}
+
+
+class _LogitsOnly(nn.Module):
+    """torchvision segmentation models return ``{"out": logits}``; the benchmark wants the tensor."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
+
+
+def build_compare_model(name: str, num_classes: int) -> nn.Module:
+    """A torchvision segmentation model with random weights (``weights=None, weights_backbone=None``)."""
+    from torchvision.models import segmentation
+
+    resolve_compare([name])
+    return _LogitsOnly(getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=num_classes))
+
+
+def _autocast(device: str, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(dev, dtype=torch.float16 if dev == "cuda" else torch.bfloat16)
+
+
+def image_gmac(make: Callable[[], nn.Module], height: int, width: int) -> float:
+    """GMAC of one ``1x3xHxW`` eval forward, counted by the zoo's counter on the meta device.
+
+    ``make`` builds the model; it is called under ``torch.device("meta")`` (no weights, no arithmetic),
+    so torchvision models and LDNs are counted by the same rules (convolutions and matrix products).
+    """
+    from ldnbench.models import count_macs
+
+    with torch.device("meta"):
+        model = make()
+    return count_macs(model, height, width).gmac
+
+
+def time_model(model: nn.Module, x: torch.Tensor, *, runs: int, warmup: int, device: str,
+               amp: bool = False) -> list[float]:
+    """Latencies in seconds of ``runs`` forwards after ``warmup`` untimed ones, device-synchronised."""
+    with torch.inference_mode(), _autocast(device, amp):
+        for _ in range(warmup):
+            model(x)
+        _sync(device)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _prepare(model: nn.Module, cfg: SpeedConfig, device: str) -> nn.Module:
+    model = model.to(device).eval()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: float | None) -> SpeedRow:
+    """Time ``model`` on a random ``cfg.batch_size x 3 x H x W`` input; ``gmac`` is per image."""
+    h, w = cfg.size
+    x = torch.randn(cfg.batch_size, 3, h, w, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times = time_model(model, x, runs=cfg.runs, warmup=cfg.warmup, device=device, amp=cfg.amp)
+    med = statistics.median(times)
+    ms = [t * 1000 for t in times]
+    return SpeedRow(
+        model=name, size=f"{h}x{w}", batch_size=cfg.batch_size,
+        latency_ms_median=round(med * 1000, 2),
+        latency_ms_iqr=round(_quantile(ms, 0.75) - _quantile(ms, 0.25), 2),
+        latency_ms_min=round(min(ms), 2), latency_ms_max=round(max(ms), 2),
+        fps=round(cfg.batch_size / med, 4),
+        gmac=round(gmac, 3) if gmac else None,
+        gflops_per_s=round(2 * gmac * cfg.batch_size / med, 3) if gmac else None,
+        params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        latencies_ms=[round(t, 2) for t in ms])
+
+
+@dataclass
+class SpeedResult:
+    config: SpeedConfig
+    rows: list[SpeedRow]
+
+
+def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None) -> SpeedResult:
+    """Time ``cfg.model`` and then every ``cfg.compare`` model in this process, same input and settings."""
+    from ldnbench.models import build_model
+
+    compare = resolve_compare(list(cfg.compare))  # before any work: a typo must not cost a run
+    device = check_device(cfg.device)
+    if cfg.runs < 1 or cfg.warmup < 1 or cfg.batch_size < 1:
+        raise UserError("--runs, --warmup and --batch-size must be at least 1.", 2)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rows = []
+    entries: list[tuple[str, Callable[[], nn.Module]]] = [
+        (cfg.model, lambda: build_model(cfg.model, cfg.num_classes, **cfg.model_options))]
+    entries += [(n, lambda n=n: build_compare_model(n, cfg.num_classes)) for n in compare]
+    for name, make in entries:
+        if progress:
+            progress(f"{name}: {cfg.warmup} warm-up + {cfg.runs} timed forwards of "
+                     f"{cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]} on {device} ...")
+        gmac = image_gmac(make, *cfg.size)
+        net = _prepare(make(), cfg, device)
+        rows.append(speed_row(name, net, cfg, device, gmac))
+        del net
+        gc.collect()
+    ref = rows[0].latency_ms_median
+    for r in rows:
+        r.relative_latency = round(r.latency_ms_median / ref, 3)
+    return SpeedResult(cfg, rows)
+
+
+def speed_record(result: SpeedResult, command: list[str] | None = None) -> dict[str, Any]:
+    """The ``bench-speed`` result record (one row per model, the first being the LDN model)."""
+    from ldnbench.report.records import make_record
+
+    cfg = result.config
+    main_row = result.rows[0]
+    metrics = {"latency_ms_median": main_row.latency_ms_median, "fps": main_row.fps,
+               "gflops_per_s": main_row.gflops_per_s}
+    for r in result.rows[1:]:
+        metrics[f"speedup_vs_{r.model}"] = r.relative_latency
+    conf = asdict(cfg)
+    conf["size"] = f"{cfg.size[0]}x{cfg.size[1]}"
+    return make_record("bench-speed", model=cfg.model, model_options=cfg.model_options, device=cfg.device,
+                       metrics=metrics, command=command, config=conf, rows=[asdict(r) for r in result.rows])
+
+
+def format_speed_table(result: SpeedResult) -> str:
+    lines = [f"{'model':<30} {'median ms':>10} {'IQR ms':>8} {'FPS':>7} {'GMAC':>8} {'GFLOP/s':>8} {'x slower':>8}"]
+    for r in result.rows:
+        gm = f"{r.gmac:.1f}" if r.gmac is not None else "-"
+        gf = f"{r.gflops_per_s:.1f}" if r.gflops_per_s is not None else "-"
+        lines.append(f"{r.model:<30} {r.latency_ms_median:>10.1f} {r.latency_ms_iqr:>8.1f} {r.fps:>7.3f} "
+                     f"{gm:>8} {gf:>8} {r.relative_latency:>8.2f}")
+    cfg = result.config
+    lines.append(f"input {cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]}, {cfg.device}, "
+                 f"{'bf16/fp16 autocast' if cfg.amp else 'fp32'}, "
+                 f"{'channels-last' if cfg.channels_last else 'NCHW'}, {torch.get_num_threads()} threads; "
+                 f"GMAC per image; 'x slower' = median latency / {result.rows[0].model}'s")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# worker entry point: python -m ldnbench.bench memory-worker --policy P --config JSON --out FILE
+
+
+def _worker_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ldnbench.bench")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("memory-worker", help="measure one checkpointing policy (used by bench memory)")
+    w.add_argument("--policy", required=True)
+    w.add_argument("--config", required=True, help="MemoryConfig as JSON")
+    w.add_argument("--out", required=True, help="file to write the MemoryRow JSON to")
+    args = parser.parse_args(argv)
+    cfg = MemoryConfig(**json.loads(args.config))
+    try:
+        row = measure_policy(cfg, args.policy)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    from ldnbench.fileio import atomic_write_json
+
+    atomic_write_json(args.out, asdict(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

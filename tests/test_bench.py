@@ -1,0 +1,120 @@
+"""ldnbench bench memory / bench speed: tiny sizes only; no timed assertions (see benchmarks/)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from ldnbench import bench as B
+from ldnbench.cli import main
+from ldnbench.errors import UserError
+
+
+def test_help(cli_runner):
+    for args in (["bench", "--help"], ["bench", "memory", "--help"], ["bench", "speed", "--help"]):
+        r = cli_runner.invoke(main, args)
+        assert r.exit_code == 0, r.output
+    r = cli_runner.invoke(main, ["bench", "memory", "--help"])
+    for opt in ("--crop", "--batch-size", "--policies", "--find-max-batch", "--json", "--device"):
+        assert opt in r.output
+    r = cli_runner.invoke(main, ["bench", "speed", "--help"])
+    for opt in ("--size", "--compare", "--amp", "--channels-last", "--runs", "--warmup"):
+        assert opt in r.output
+
+
+def test_unknown_compare_model_is_one_clear_line_before_any_work(cli_runner, tmp_path):
+    with cli_runner.isolated_filesystem(temp_dir=tmp_path):
+        r = cli_runner.invoke(main, ["bench", "speed", "--compare", "deeplabv3_resnet50,deeplab_v9", "--runs", "1"])
+        assert r.exit_code == 2
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: unknown --compare model 'deeplab_v9'")
+        for name in B.COMPARE_MODELS:
+            assert name in lines[0]
+        assert not os.path.exists("results")  # nothing ran, nothing written
+    assert "Traceback" not in r.output
+
+
+def test_bad_names_and_sizes():
+    with pytest.raises(UserError) as e:
+        B.resolve_policies("none,cat-1x2")
+    assert e.value.exit_code == 2 and "'cat-1x2'" in str(e.value) and "cat-1x1-3x3+stem+td+up" in str(e.value)
+    assert B.resolve_policies("all") == list(B.POLICIES)
+    assert B.parse_size("1024x2048") == (1024, 2048) and B.parse_size("768") == (768, 768)
+    with pytest.raises(UserError):
+        B.parse_size("1024by2048")
+    with pytest.raises(UserError) as e:
+        B.check_device("tpu")
+    assert e.value.exit_code == 2
+
+
+def test_policy_names_match_the_model_zoo():
+    from ldnbench.models.checkpointing import POLICIES
+
+    assert tuple(POLICIES) == B.POLICIES
+
+
+def test_cpu_peak_meter_sees_a_freed_spike_and_resets():
+    meter = B.PeakMemory("cpu")
+    meter.start()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page touched
+    del x
+    assert meter.method in ("rss-hwm", "ru_maxrss")
+    assert meter.peak_mb() >= 60
+    if meter.method == "rss-hwm":  # the high-water mark can be reset: a new window starts near 0
+        meter.start()
+        assert meter.peak_mb() < 30
+
+
+@pytest.mark.slow
+def test_memory_every_policy_in_its_own_process(cli_runner, tmp_path):
+    out, rec_path = tmp_path / "rows.json", tmp_path / "rec.json"
+    r = cli_runner.invoke(main, ["bench", "memory", "--model", "ldn121", "--crop", "64", "--batch-size", "2",
+                                 "--steps", "1", "--warmup", "0", "--find-max-batch", "--json", str(out),
+                                 "--out", str(rec_path)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())
+    assert [row["policy"] for row in rows] == list(B.POLICIES)
+    for row in rows:
+        assert list(row) == list(B.MEMORY_JSON_KEYS)  # stable schema, exactly these keys
+        assert row["peak_mb"] > 0 and row["images_per_s"] > 0
+        assert row["max_batch"] is None  # never searched on CPU ...
+    rec = json.loads(rec_path.read_text())
+    assert rec["kind"] == "bench-memory" and rec["model"] == "ldn121-64to4"
+    pids = {row["pid"] for row in rec["rows"]}
+    assert len(pids) == len(B.POLICIES) and os.getpid() not in pids  # one fresh process per policy
+    for row in rec["rows"]:
+        assert {"model", "policy", "size", "batch_size", "peak_mb", "images_per_s", "max_batch"} <= set(row)
+        assert row["method"] == "rss-hwm" and row["error"] is None
+        assert "CPU" in row["max_batch_note"]  # ... and the record says why
+    for policy in B.POLICIES:
+        assert policy in r.output
+
+
+def test_memory_worker_failure_is_reported_not_raised():
+    cfg = B.MemoryConfig(model="ldn121-64to4", crop=64, batch_size=1, steps=1, warmup=0, num_classes=0)
+    row = B.run_policy_subprocess(cfg, "none")
+    assert row.peak_mb is None and row.error and row.error.startswith("worker failed")
+
+
+def test_speed_rows_and_json_schema(cli_runner, tmp_path):
+    out, rec_path = tmp_path / "rows.json", tmp_path / "rec.json"
+    r = cli_runner.invoke(main, ["bench", "speed", "--model", "ldn121", "--size", "64x96", "--runs", "2",
+                                 "--compare", "lraspp_mobilenet_v3_large", "--json", str(out),
+                                 "--out", str(rec_path)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())
+    assert [row["model"] for row in rows] == ["ldn121-64to4", "lraspp_mobilenet_v3_large"]
+    for row in rows:
+        assert list(row) == list(B.SPEED_JSON_KEYS)
+        assert row["size"] == "64x96" and row["batch_size"] == 1
+        assert row["latency_ms_median"] > 0 and row["latency_ms_iqr"] >= 0 and row["fps"] > 0
+        assert row["gmac"] > 0
+        # achieved GFLOP/s = 2 x MACs / median latency (2 decimals of rounding)
+        assert row["gflops_per_s"] == pytest.approx(2 * row["gmac"] / (row["latency_ms_median"] / 1000), rel=0.02,
+                                                    abs=0.002)
+    assert rows[0]["relative_latency"] == 1.0
+    rec = json.loads(rec_path.read_text())
+    assert rec["kind"] == "bench-speed" and len(rec["rows"]) == 2 and len(rec["rows"][0]["latencies_ms"]) == 2
+    assert "speedup_vs_lraspp_mobilenet_v3_large" in rec["metrics"]
+
