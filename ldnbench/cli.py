@@ -62,7 +62,7 @@ def datasets_check_cmd(name: str, root: str | None, split: str | None, full: boo
 
     from ldnbench.data.check import check_dataset, format_report
 
-    report = check_dataset(name, root=root, split=split, full=full, progress=not as_json)
+    report = check_dataset(name, root=root, split=split, full=full, progress=full and not as_json)
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else format_report(report))
     if report.problems:
         sys.exit(1)
