@@ -34,6 +34,32 @@ def main() -> None:
 
 
 # --- models: zoo, flops (ldnbench.models) ------------------------------------------------------
+@main.command("zoo")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "latex", "markdown", "json"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("--imagenet-compatible", is_flag=True,
+              help="Count the layout that loads full torchvision ImageNet weights instead of the paper's.")
+def zoo_cmd(fmt: str, imagenet_compatible: bool) -> None:
+    """Every registered model: params, GMAC and GFLOP at 1x3x1024x1024 beside the paper's numbers."""
+    from ldnbench.models.zoo import format_rows, zoo_rows
+
+    click.echo(format_rows(zoo_rows(imagenet_compatible=imagenet_compatible), fmt))
+
+
+@main.command("flops")
+@click.option("--model", "model_name", required=True, help="Model name or alias (see `ldnbench zoo`).")
+@click.option("--height", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--width", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=1), default=19, show_default=True)
+@click.option("--imagenet-compatible", is_flag=True, help="Count the layout that loads ImageNet weights.")
+def flops_cmd(model_name: str, height: int, width: int, num_classes: int, imagenet_compatible: bool) -> None:
+    """Params, GMAC and GFLOP of one model for one HxW image, and which operators were counted."""
+    from ldnbench.models import model_complexity, resolve_model_name
+    from ldnbench.models.zoo import format_complexity
+
+    c = model_complexity(resolve_model_name(model_name), height, width, num_classes=num_classes,
+                         imagenet_compatible=imagenet_compatible)
+    click.echo(format_complexity(c))
 
 
 # --- datasets: datasets, datasets check, synth (ldnbench.data) -----------------------------------
@@ -90,6 +116,82 @@ def synth_cmd(root: str, size: str, n: int, seed: int) -> None:
 
 
 # --- evaluation: eval, score (ldnbench.evaluate) -------------------------------------------------
+def _parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise UserError(f"--scales {text!r} is not a comma-separated list of numbers, e.g. 0.5,1,2", 2) from None
+    if not scales or any(s <= 0 for s in scales):
+        raise UserError(f"--scales {text!r}: every scale must be positive", 2)
+    return scales
+
+
+@main.command("eval")
+@click.option("--model", "model_name", default=None, help="Model name or alias (default: read from the checkpoint).")
+@click.option("--checkpoint", required=True, type=click.Path(), help="Trainer checkpoint (last.pt/best.pt) or state dict.")
+@click.option("--dataset", required=True, help="Dataset adapter to evaluate on (see `ldnbench datasets`).")
+@click.option("--split", default="val", show_default=True)
+@click.option("--root", type=click.Path(), default=None, help="Dataset root (default ./datasets/<dataset>).")
+@click.option("--ms", is_flag=True, help="Multi-scale test at scales 0.5,0.75,1,1.5,2 (softmax averaged).")
+@click.option("--scales", default=None, help="Custom comma-separated scales, e.g. 0.75,1,1.25 (overrides --ms).")
+@click.option("--flip", is_flag=True, help="Also average horizontally flipped passes.")
+@click.option("--sliding", type=click.IntRange(min=32), default=None,
+              help="Tile size for sliding-window inference on very large images (1/3 overlap).")
+@click.option("--label-space", default=None, help="Label space of a bare state dict (default: the dataset's).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--amp", is_flag=True, help="bfloat16 autocast (worth it only with native bf16 support).")
+@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data-loading processes.")
+@click.option("--out", type=click.Path(), default=None,
+              help="Result record path (.json) or folder [default: results/eval/<model>-<dataset>-<split>-<run>.json].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sliding, label_space, device, amp,
+             max_images, workers, out, quiet):
+    """Evaluate a checkpoint on a dataset split: per-class table and a JSON result record.
+
+    Under torchrun every process evaluates a disjoint share of the images; rank 0 prints and writes.
+    """
+    from pathlib import Path
+
+    from ldnbench.data.labels import get_mapping
+    from ldnbench.data.registry import get_dataset
+    from ldnbench.evaluate import evaluate, init_distributed, load_eval_model
+    from ldnbench.inference import MS_SCALES
+    from ldnbench.report.records import write_record
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu", 2)
+    ds = get_dataset(dataset, root, split)
+    model, space = load_eval_model(checkpoint, model_name, label_space or ds.label_space.name)
+    mapping = None if space in (None, ds.label_space.name) else get_mapping(space, ds.label_space)
+    scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
+    created = init_distributed(device)
+    try:
+        res = evaluate(model, ds, mapping=mapping, scales=scale_list, flip=flip, sliding=sliding, device=device,
+                       amp=amp, progress=not quiet, num_workers=workers, max_images=max_images)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            rank = dist.get_rank()
+            dist.destroy_process_group()
+        else:
+            rank = 0
+    if rank != 0:
+        return
+    rec = res.to_record(model=model.name, dataset=dataset, root=ds.root, split=split, checkpoint=str(checkpoint),
+                        model_label_space=space or ds.label_space.name)
+    path = Path(out) if out else Path("results") / "eval"
+    if path.suffix != ".json":
+        path = path / f"{model.name}-{dataset}-{split}-{rec['run_id']}.json"
+    click.echo(res.format_table())
+    write_record(path, rec)
+    click.echo(f"wrote {path}")
+
+
 @main.command("score")
 @click.option("--dataset", required=True, help="Dataset adapter holding the ground truth (e.g. cityscapes).")
 @click.option("--root", type=click.Path(), default=None, help="Dataset root (default ./datasets/<dataset>).")
