@@ -173,57 +173,42 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
     return EvalResult(result, space.name, settings, str(device), world, {k: round(v, 4) for k, v in times.items()})
 
 
-# ------------------------------------------------------------------ checkpoints -> models
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, metadata) of a trainer checkpoint dict or a bare state_dict, loaded with weights_only."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}; "
-                        "is it a PyTorch state dict saved by ldnbench train?") from None
-    if isinstance(ck, dict) and isinstance(ck.get("model"), dict):
-        return ck["model"], {k: v for k, v in ck.items() if k != "model"}
-    if isinstance(ck, dict) and ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
-        return ck, {}
-    raise UserError(f"checkpoint {path} holds neither a state dict nor a dict with a 'model' state dict")
+# ------------------------------------------------------------------ checkpoints and torchrun
+def load_eval_model(checkpoint: str | Path, model_name: str | None = None,
+                    label_space: str | None = None) -> tuple[nn.Module, str | None]:
+    """(model in eval mode, its label space name or None) from a trainer checkpoint or a bare state dict.
 
-
-def model_from_checkpoint(path: str | Path, model_name: str | None = None, num_classes: int | None = None,
-                          label_space: str | None = None) -> tuple[nn.Module, str]:
-    """Build the model a checkpoint was trained as and load its weights.
-
-    Returns (model, label space name). Name, classes and space come from the checkpoint when it
-    stores them; arguments override / fill in for bare state dicts.
+    Trainer checkpoints (``{"model": state_dict, "model_name", "num_classes", "label_space", ...}``)
+    describe themselves; a bare state dict needs ``model_name`` and ``label_space`` and is tried in
+    both layouts (the paper's and the ImageNet-compatible one used when fine-tuning ImageNet weights).
     """
     from ldnbench.data.labels import get_label_space
-    from ldnbench.models import build_model, resolve_model_name
+    from ldnbench.studies.common import load_trained_model, read_checkpoint
 
-    state, meta = load_checkpoint(path)
-    name = model_name or meta.get("model_name")
-    if not name:
-        raise UserError(f"checkpoint {path} does not say which model it is; pass --model")
-    name = resolve_model_name(name)
-    if meta.get("model_name") and resolve_model_name(meta["model_name"]) != name:
-        raise UserError(f"checkpoint {path} is a {meta['model_name']}, not a {name}; drop --model or fix it", 2)
-    space = label_space or meta.get("label_space")
-    if num_classes is None:
-        num_classes = meta.get("num_classes") or (get_label_space(space).num_classes if space else None)
-    if num_classes is None:
-        raise UserError(f"checkpoint {path} does not say how many classes it predicts; pass --label-space")
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    stored = meta.get("model_options") or config.get("model_options") or {}
-    options = {k: v for k, v in stored.items() if k not in ("pretrained", "checkpointing")}
-    errors = []
-    # a model fine-tuned from ImageNet weights uses torchvision's full layout: try both layouts
-    for compat in ([options.pop("imagenet_compatible")] if "imagenet_compatible" in options else [False, True]):
-        model = build_model(name, int(num_classes), imagenet_compatible=compat, **options)
-        try:
-            model.load_state_dict(state)
-            return model, space
-        except RuntimeError as e:
-            errors.append(str(e).splitlines()[0])
-    raise UserError(f"checkpoint {path} does not fit model {name} with {num_classes} classes ({errors[-1]}); "
-                    "check --model and --label-space")
+    ck = read_checkpoint(checkpoint)  # weights_only=True
+    space = ck.get("label_space") or label_space
+    num_classes = ck.get("num_classes") or (get_label_space(space).num_classes if space else None)
+    if not num_classes:
+        raise UserError(f"checkpoint {checkpoint} does not say which classes it predicts; pass --label-space", 2)
+    try:
+        model = load_trained_model(model_name, checkpoint, num_classes)
+    except UserError:
+        if "config" in ck or "model_name" in ck:
+            raise
+        model = load_trained_model(model_name, checkpoint, num_classes, imagenet_compatible=True)
+    return model, space
+
+
+def init_distributed(device: str | torch.device = "cpu") -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True if this call created it."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
