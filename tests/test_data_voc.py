@@ -148,10 +148,10 @@ def test_bad_labels_name_the_file(tmp_path):
 def test_missing_files_and_wrong_root(tmp_path):
     voc, sbd = _tree(tmp_path)
     (voc / "JPEGImages" / "2007_000003.jpg").unlink()
-    with pytest.raises(UserError, match="2007_000003.jpg"):
+    with pytest.raises(UserError, match="2007_000003.png"):  # the label left without its image
         VOC(tmp_path, "train")
     lenient = VOC(tmp_path, "train", strict=False)
-    assert len(lenient) == 2 and [p.name for p in lenient.unpaired] == ["2007_000003.jpg"]
+    assert len(lenient) == 2 and [p.name for p in lenient.unpaired] == ["2007_000003.png"]
     (voc / "ImageSets" / "Segmentation" / "val.txt").unlink()
     with pytest.raises(UserError, match="val.txt is missing"):
         VOC(tmp_path, "val")

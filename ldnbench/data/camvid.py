@@ -163,9 +163,10 @@ class CamVid(SegDataset):
             all_images = _images(r / "701_StillsRaw_full")
             all_labels = index(sorted(r.glob("LabeledApproved_full/*_L.png")), "_L.png")
             files = [SampleFiles(n, all_images[n], all_labels[n]) for n in names if n in all_images and n in all_labels]
-            missing = [r / "701_StillsRaw_full" / f"{n}.png" for n in names if n not in all_images]
-            missing += [r / "LabeledApproved_full" / f"{n}_L.png" for n in names if n not in all_labels]
-            return files, missing
+            # the file left without a partner (the expected image path when both are missing)
+            unpaired = [all_images[n] if n in all_images else all_labels.get(n, r / "701_StillsRaw_full" / f"{n}.png")
+                        for n in names if n not in all_images or n not in all_labels]
+            return files, unpaired
         if not images and not labels:
             raise not_found(self.name, r, pattern, f"and no images in {r / part}/; check --root")
         return pair(images, labels)

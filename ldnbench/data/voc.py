@@ -121,7 +121,7 @@ class VOC(SegDataset):
         require_paired(self.name, self.unpaired, strict)
 
     def _pair(self, ids: list[str], voc_label_ids: set[str], sbd: Path | None) -> tuple[list[SampleFiles], list[Path]]:
-        """Files of ``ids``: VOC PNG label for ``voc_label_ids``, SBD .mat for the others."""
+        """Files of ``ids`` (VOC PNG label for ``voc_label_ids``, SBD .mat for the others) and the unpaired ones."""
         files, missing = [], []
         for i in ids:
             image = self.voc / "JPEGImages" / f"{i}.jpg"
@@ -129,13 +129,11 @@ class VOC(SegDataset):
                 image = sbd / "img" / f"{i}.jpg"
             label = (self.voc / "SegmentationClass" / f"{i}.png" if i in voc_label_ids
                      else sbd / "cls" / f"{i}.mat")
-            ok = True
-            for p in (image, label):
-                if not p.is_file():
-                    missing.append(p)
-                    ok = False
-            if ok:
+            has_image, has_label = image.is_file(), label.is_file()
+            if has_image and has_label:
                 files.append(SampleFiles(i, image, label))
+            else:  # report the file left without a partner (the image path when both are missing)
+                missing.append(image if has_image or not has_label else label)
         return files, missing
 
     def load_target(self, i: int) -> tuple[np.ndarray, None]:
