@@ -160,3 +160,24 @@ def test_missing_files_and_wrong_root(tmp_path):
         VOC(tmp_path / "x", "train")
     with pytest.raises(UserError, match="no split"):
         get_dataset("voc-aug", root=tmp_path, split="trainval")
+
+
+def test_datasets_check_histogram(tmp_path, cli_runner):
+    import json
+
+    from ldnbench.cli import main
+
+    _tree(tmp_path)
+    res = cli_runner.invoke(main, ["datasets", "check", "voc-aug", "--root", str(tmp_path), "--split", "train",
+                                   "--full", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output[res.output.index("{"):])
+    hist = doc["splits"]["train"]["histogram"]
+    assert doc["label_space"] == "voc21" and doc["splits"]["train"]["pairs"] == 7
+    # VOC train ids k=1..3: an 8x8 square of class k and a 10-pixel void line; SBD ids: whole image of 10+i
+    assert hist["aeroplane"] == hist["bicycle"] == hist["bird"] == 64 and hist["ignore"] == 30
+    # SBD-only ids were written with 10 + their position in SBD_TRAIN + SBD_VAL: dog, horse, motorbike, pottedplant
+    assert hist["dog"] == hist["horse"] == hist["motorbike"] == hist["pottedplant"] == H * W
+    # 2007_000002's .mat (cat) loses to its VOC PNG; VOC val ids (cow, person) are not in train_aug
+    assert hist["cat"] == hist["cow"] == hist["person"] == 0
+    assert sum(hist.values()) == 7 * H * W
