@@ -11,6 +11,7 @@ valid windows (eq. 1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,18 +60,26 @@ def soft_targets(labels: torch.Tensor, num_classes: int, factor: int,
     return targets * valid.unsqueeze(1), valid
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """−Σ_f y_f log softmax(logits)_f averaged over valid cells (0, with a graph, if none is valid)."""
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                       count: torch.Tensor | None = None) -> torch.Tensor:
+    """−Σ_f y_f log softmax(logits)_f averaged over valid cells (0, with a graph, if none is valid).
+
+    ``count`` replaces the number of valid cells as the denominator (see :class:`SegLoss`).
+    """
     logp = F.log_softmax(logits.float(), dim=1)
     per_cell = -(targets * logp).sum(1)
-    return (per_cell * valid).sum() / valid.sum().clamp_min(1)
+    return (per_cell * valid).sum() / (valid.sum() if count is None else count).clamp_min(1)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
-    """Pixel cross-entropy averaged over non-ignored pixels (0 rather than NaN if all are ignored)."""
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE,
+                  count: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel cross-entropy averaged over non-ignored pixels (0 rather than NaN if all are ignored).
+
+    ``count`` replaces the number of non-ignored pixels as the denominator (see :class:`SegLoss`).
+    """
     labels = labels.long()
     total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
-    return total / (labels != ignore_index).sum().clamp_min(1)
+    return total / ((labels != ignore_index).sum() if count is None else count).clamp_min(1)
 
 
 @dataclass
@@ -79,12 +88,18 @@ class SegLoss:
 
     Paper section 5.1: weights 0.6 and 0.4. A model without auxiliary heads is trained with the
     plain cross-entropy (weight 1), so its loss scale matches the ``--aux-weight 0`` case.
+
+    ``count_reduce`` maps this process's denominators (valid pixels / valid cells, one per term)
+    to the ones to divide by. Data-parallel training passes "all-reduce, divide by the number of
+    processes": the averaged gradients then equal those of one process on the whole global batch,
+    even when processes hold different numbers of ignored pixels.
     """
 
     num_classes: int
     main_weight: float = 0.6
     aux_weight: float = 0.4
     ignore_index: int = IGNORE
+    count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, output, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """``output`` is the model's train-mode return: ``logits`` or ``(logits, [(aux, factor), ...])``.
@@ -93,13 +108,17 @@ class SegLoss:
         without auxiliary heads).
         """
         logits, aux = output if isinstance(output, tuple) else (output, [])
-        main = cross_entropy(logits, labels, self.ignore_index)
-        if not aux or self.aux_weight == 0:
+        if self.aux_weight == 0:
+            aux = []
+        soft = [soft_targets(labels, self.num_classes, int(factor), tuple(a.shape[-2:])) for a, factor in aux]
+        counts = torch.stack([(labels != self.ignore_index).sum(), *(valid.sum() for _, valid in soft)]).float()
+        if self.count_reduce is not None:
+            counts = self.count_reduce(counts)
+        main = cross_entropy(logits, labels, self.ignore_index, counts[0])
+        if not aux:
             return main, {"main": main.detach(), "aux": None}
-        aux_losses = []
-        for aux_logits, factor in aux:
-            targets, valid = soft_targets(labels, self.num_classes, int(factor), tuple(aux_logits.shape[-2:]))
-            aux_losses.append(soft_cross_entropy(aux_logits, targets, valid))
+        aux_losses = [soft_cross_entropy(a, targets, valid, count)
+                      for (a, _), (targets, valid), count in zip(aux, soft, counts[1:])]
         aux_loss = torch.stack(aux_losses).mean()
         total = self.main_weight * main + self.aux_weight * aux_loss
         return total, {"main": main.detach(), "aux": aux_loss.detach()}

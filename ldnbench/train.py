@@ -2,8 +2,8 @@
 
 ``train(TrainConfig(...))`` runs in one process, or in every process of a ``torchrun`` launch:
 the process group is created from torchrun's environment, each process trains on its slice of
-every global batch under DistributedDataParallel (SyncBatchNorm on CUDA), and only rank 0 writes
-files. ``launch(config, nproc)`` starts such a run on this machine.
+every global batch under DistributedDataParallel with synchronised BatchNorm (torch's SyncBatchNorm
+on CUDA, :func:`convert_sync_batchnorm_cpu` on CPU/gloo), and only rank 0 writes files. ``launch(config, nproc)`` starts such a run on this machine.
 
 Determinism and resumption: the sample order of epoch ``e`` is a permutation seeded by
 ``(seed, e)`` and the augmentation of sample ``i`` in epoch ``e`` uses a generator seeded by
@@ -292,6 +292,82 @@ def _resolve_device(name: str, d: _Dist) -> torch.device:
     return torch.device("cpu")
 
 
+class _SyncBNFunction(torch.autograd.Function):
+    """BatchNorm with given global statistics; backward all-reduces the two gradient sums."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, count: float):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        xhat = (x.float() - mean.view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.count = count
+        y = xhat * weight.view(shape) + bias.view(shape)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, invstd, weight = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (dy.dim() - 2)
+        dims = [d for d in range(dy.dim()) if d != 1]
+        dyf = dy.float()
+        sum_dy, sum_dy_xhat = dyf.sum(dims), (dyf * xhat).sum(dims)
+        both = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(both)
+        c = sum_dy.numel()
+        mean_dy, mean_dy_xhat = both[:c] / ctx.count, both[c:] / ctx.count
+        dx = (dyf - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * (invstd * weight).view(shape)
+        return dx.to(dy.dtype), sum_dy_xhat, sum_dy, None, None, None
+
+
+def _sync_bn_class():
+    from ldnbench.models.layers import BatchNorm2d
+
+    class GlooSyncBatchNorm(BatchNorm2d):
+        """Synchronised BatchNorm for CPU process groups (torch's SyncBatchNorm is GPU-only).
+
+        In training under an initialised process group the batch statistics are all-reduced over
+        all processes, so DDP on N processes normalises exactly like one process with the whole
+        global batch; otherwise it is the model's ordinary BatchNorm2d.
+        """
+
+        def forward(self, x):
+            if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+                return super().forward(x)
+            c = x.shape[1]
+            dims = [d for d in range(x.dim()) if d != 1]
+            with torch.no_grad():
+                stats = torch.cat([x.sum(dims, dtype=torch.float64), x.float().square().sum(dims, dtype=torch.float64),
+                                   torch.tensor([x.numel() // max(c, 1)], dtype=torch.float64, device=x.device)])
+                dist.all_reduce(stats)
+                n = stats[-1].clamp_min(2)
+                mean = stats[:c] / n
+                var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+                if self.track_running_stats and self.update_stats:
+                    self.num_batches_tracked += 1
+                    m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                    self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                    self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
+                invstd = (var + self.eps).rsqrt().float()
+            return _SyncBNFunction.apply(x, self.weight, self.bias, mean.float(), invstd, float(n))
+
+    return GlooSyncBatchNorm
+
+
+def convert_sync_batchnorm_cpu(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` by a CPU-capable synchronised one (state dict keys unchanged)."""
+    cls = _sync_bn_class()
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, cls) and child.affine:
+            new = cls(child.num_features, eps=child.eps, momentum=child.momentum,
+                      track_running_stats=child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            convert_sync_batchnorm_cpu(child)
+    return module
+
+
 # --- BatchNorm statistics -------------------------------------------------------------------------
 
 
@@ -554,7 +630,9 @@ class _Run:
         if d.enabled:
             if self.device.type == "cuda":
                 self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
-                self.model = self.net
+            else:
+                self.net = convert_sync_batchnorm_cpu(self.net)
+            self.model = self.net
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(_param_groups(self.model, cfg), lr=cfg.lr, amsgrad=True,
@@ -563,7 +641,8 @@ class _Run:
                                                                     eta_min=cfg.min_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.autocast = _autocast_factory(self.amp, self.device)
-        self.loss = SegLoss(self.label_space.num_classes, cfg.main_weight, cfg.aux_weight)
+        self.loss = SegLoss(self.label_space.num_classes, cfg.main_weight, cfg.aux_weight,
+                            count_reduce=_global_mean_count if d.enabled else None)
         self.per_rank = cfg.batch_size // d.world
         transform = TrainTransform(self.crop, cfg.scale, cfg.flip, cfg.pad)
         self.data = SeededTrainSet(self.train_set, transform, cfg.seed)
@@ -752,8 +831,8 @@ class _Run:
 
     def _bn_batches(self, loader) -> Iterator[torch.Tensor | None]:
         for batch in loader:
-            if batch is None and self.d.enabled and self.device.type == "cuda":
-                # SyncBatchNorm is collective: a process without images still takes part with an empty batch.
+            if batch is None and self.d.enabled:
+                # Synchronised BatchNorm is collective: a process without images takes part with an empty batch.
                 yield torch.empty(0, 3, self.crop, self.crop)
             else:
                 yield None if batch is None else batch[0]
@@ -813,6 +892,12 @@ class _Run:
         if self.is_main:
             atomic_torch_save(self.best_path, {"model": self.model.state_dict(), **self._meta(), "epoch": self.epoch,
                                                "iteration": self.iteration, "metrics": metrics})
+
+
+def _global_mean_count(counts: torch.Tensor) -> torch.Tensor:
+    counts = counts.clone()
+    dist.all_reduce(counts)
+    return counts / dist.get_world_size()
 
 
 def _pct(v) -> str:

@@ -117,3 +117,13 @@ def test_soft_targets_on_large_crop_are_consistent_across_levels():
     c8 = window_counts(labels, 19, 8, (32, 40))
     c32 = window_counts(labels, 19, 32, (8, 10))
     torch.testing.assert_close(c8.view(2, 20, 8, 4, 10, 4).sum((3, 5)), c32)
+
+
+def test_count_reduce_sets_the_denominators():
+    # Data-parallel training divides by the global mean counts; here a stand-in that doubles them.
+    torch.manual_seed(1)
+    labels = torch.randint(0, 3, (1, 16, 16))
+    out = (torch.randn(1, 3, 16, 16), [(torch.randn(1, 3, 2, 2), 8)])
+    plain, _ = SegLoss(3)(out, labels)
+    halved, _ = SegLoss(3, count_reduce=lambda c: 2 * c)(out, labels)
+    torch.testing.assert_close(halved, plain / 2)
