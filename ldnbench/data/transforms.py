@@ -63,27 +63,37 @@ class TrainTransform:
 
         image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1)
         label = torch.from_numpy(np.ascontiguousarray(sample.label))[None]
+        H, W = image.shape[1:]
         s = self.scale[0] + (self.scale[1] - self.scale[0]) * rand()
-        h, w = max(1, round(image.shape[1] * s)), max(1, round(image.shape[2] * s))
-        if (h, w) != tuple(image.shape[1:]):
-            image = F.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-            label = F.resize(label, [h, w], interpolation=InterpolationMode.NEAREST_EXACT)
-        if self.flip and rand() < 0.5:
-            image, label = image.flip(-1), label.flip(-1)
-
+        h, w = max(1, round(H * s)), max(1, round(W * s))  # size of the rescaled image
         ch, cw = self.crop
         if not self.pad and (h < ch or w < cw):
             raise UserError(f"crop {ch}x{cw} is larger than image {sample.id} ({h}x{w} after rescaling); "
                             "use a smaller crop or allow padding")
-        # y0/x0 < 0 places the image inside a padded canvas, > 0 crops it.
+        # Crop window in rescaled coordinates; y0/x0 < 0 places the image inside a padded canvas.
         y0 = int(torch.randint(min(0, h - ch), max(0, h - ch) + 1, (), generator=generator))
         x0 = int(torch.randint(min(0, w - cw), max(0, w - cw) + 1, (), generator=generator))
-        out_img = torch.tensor(MEAN_PIXEL, dtype=torch.uint8).view(3, 1, 1).repeat(1, ch, cw)
-        out_lab = torch.full((ch, cw), 255, dtype=torch.uint8)
         sy, sx = max(y0, 0), max(x0, 0)
         ey, ex = min(y0 + ch, h), min(x0 + cw, w)
-        out_img[:, sy - y0: ey - y0, sx - x0: ex - x0] = image[:, sy:ey, sx:ex]
-        out_lab[sy - y0: ey - y0, sx - x0: ex - x0] = label[0, sy:ey, sx:ex]
+        if (h, w) != (H, W):
+            # Rescale only the source window under the crop (not the whole image): same result up to
+            # sub-pixel rounding, and much cheaper for 2048x1024 images scaled by 2.
+            ty, by = int(sy * H / h), min(H, -(-ey * H // h))
+            tx, bx = int(sx * W / w), min(W, -(-ex * W // w))
+            oy, ox = round(sy - ty * h / H), round(sx - tx * w / W)
+            size = [max(round((by - ty) * h / H), oy + ey - sy), max(round((bx - tx) * w / W), ox + ex - sx)]
+            image = F.resize(image[:, ty:by, tx:bx], size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+            label = F.resize(label[:, ty:by, tx:bx], size, interpolation=InterpolationMode.NEAREST_EXACT)
+            image = image[:, oy: oy + ey - sy, ox: ox + ex - sx]
+            label = label[:, oy: oy + ey - sy, ox: ox + ex - sx]
+        else:
+            image, label = image[:, sy:ey, sx:ex], label[:, sy:ey, sx:ex]
+        out_img = torch.tensor(MEAN_PIXEL, dtype=torch.uint8).view(3, 1, 1).repeat(1, ch, cw)
+        out_lab = torch.full((ch, cw), 255, dtype=torch.uint8)
+        out_img[:, sy - y0: ey - y0, sx - x0: ex - x0] = image
+        out_lab[sy - y0: ey - y0, sx - x0: ex - x0] = label[0]
+        if self.flip and rand() < 0.5:
+            out_img, out_lab = out_img.flip(-1), out_lab.flip(-1)
         return normalize(out_img), out_lab.long()
 
 
