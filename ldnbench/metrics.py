@@ -189,7 +189,8 @@ class SegMetrics:
 
     # ---------------------------------------------------------------- update
     def _build_luts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables over ``gt*256+pred``: confusion cell (sentinel for invalid pairs) and instance flag.
+        """Tables over ``gt*256+pred``: confusion cell (sentinel for invalid pairs), and the same
+        with the instance flag in the high bits.
 
         Instance flag: 0 = ground truth is not an instance class; for instance class of rank r,
         ``3r+1`` wrong category, ``3r+2`` right category only, ``3r+3`` right class.
@@ -214,8 +215,10 @@ class SegMetrics:
             if self.space.has_categories:
                 flag[c, cat_of_pred == self.space.class_category[c]] = 3 * r + 2
             flag[c, c] = 3 * r + 3
+        # one table serves both: low 16 bits = confusion cell, high bits = instance flag
+        combo = cell.reshape(-1) | (flag.reshape(-1) << 16)
         luts = (torch.from_numpy(cell.reshape(-1).astype(np.int32)).to(device),
-                torch.from_numpy(flag.reshape(-1).astype(np.int32)).to(device))
+                torch.from_numpy(combo.astype(np.int32)).to(device))
         self._luts[device] = luts
         return luts
 
@@ -260,25 +263,35 @@ class SegMetrics:
         valid_pred = f"0..{self._cols - 2} and {self._ignore}"
         g = self._check_range(target, "ground truth", f"0..{k - 1} and {self._ignore}").reshape(-1)
         p = self._check_range(pred, "prediction", valid_pred).reshape(-1)
+        inst, inst_max = None, 0
+        if instances is not None and self._inst_classes:
+            inst = self._as_tensor(instances, "instances", dev)
+            if inst.shape != target.shape:
+                raise UserError(f"instance map shape {tuple(inst.shape)} differs from ground truth shape "
+                                f"{tuple(target.shape)}")
+            if inst.numel():
+                lo, hi = torch.aminmax(inst)
+                if lo < 0:
+                    raise UserError("instance maps must not hold negative ids (0 = no instance)")
+                inst_max = int(hi)
         self._to(dev)
-        cell_lut, flag_lut = self._build_luts(dev)
-        # gt*256+pred as int32, then one gather gives the confusion cell of every pixel
+        cell_lut, combo_lut = self._build_luts(dev)
+        # gt*256+pred as int32, then one gather gives the confusion cell (and instance flag) of every pixel
         code = torch.add(p, g.to(torch.int32), alpha=256)  # out of place: never touch the caller's data
-        cells = cell_lut.index_select(0, code)
+        if inst is None:
+            cells = cell_lut.index_select(0, code)
+        else:
+            combo = combo_lut.index_select(0, code)
+            cells = combo.bitwise_and(0xFFFF)
         counts = torch.bincount(cells, minlength=(k + 1) * self._cols + 1)
         if counts[-1] > 0:
             self._raise_invalid(g, p, valid_pred)
         self.confusion += counts[:-1].view(k + 1, self._cols)
         self.num_images += n_img
-        if instances is None or not self._inst_classes:
-            self.images_without_instances += n_img if self._inst_classes else 0
-            return
-        inst = self._as_tensor(instances, "instances", dev)
-        if inst.shape != target.shape:
-            raise UserError(f"instance map shape {tuple(inst.shape)} differs from ground truth shape "
-                            f"{tuple(target.shape)}")
-        self._update_instances(inst.reshape(n_img, -1).to(torch.int64 if inst.dtype == torch.int64 else torch.int32),
-                               flag_lut.index_select(0, code).view(n_img, -1))
+        if self._inst_classes and inst is None:
+            self.images_without_instances += n_img
+        if inst is not None:
+            self._update_instances(inst.reshape(n_img, -1), combo.bitwise_right_shift_(16).view(n_img, -1), inst_max)
 
     def _raise_invalid(self, g: torch.Tensor, p: torch.Tensor, valid_pred: str) -> None:
         k = self.num_classes
@@ -291,22 +304,19 @@ class SegMetrics:
         raise UserError(f"prediction has values {', '.join(map(str, bad_p[:8].tolist()))} outside {valid_pred} "
                         f"(label space {self.space.name}); map predictions into the label space first")
 
-    def _update_instances(self, inst: torch.Tensor, flags: torch.Tensor) -> None:
+    def _update_instances(self, inst: torch.Tensor, flags: torch.Tensor, inst_max: int) -> None:
         r_count = len(self._inst_classes)
         f = 1 + 3 * r_count
         dev = inst.device
         for b in range(inst.shape[0]):  # instance ids are per image
-            ids = inst[b]
-            lo, hi = torch.aminmax(ids)
-            if lo < 0:
-                raise UserError("instance maps must not hold negative ids (0 = no instance)")
-            if (int(hi) + 1) * f > _MAX_DIRECT_INSTANCE_BINS:
+            ids, hi = inst[b], inst_max
+            if (hi + 1) * f > _MAX_DIRECT_INSTANCE_BINS:
                 uniq, ids = torch.unique(ids, return_inverse=True)
                 if uniq[0] != 0:  # keep index 0 for "no instance"
                     ids = ids + 1
-                hi = ids.max()
-            n = int(hi) + 1
-            v = ids.to(torch.int64 if n * f > 2**31 - 1 else torch.int32).mul(f).add_(flags[b])
+                hi = int(ids.max())
+            n = hi + 1
+            v = flags[b].add(ids.to(flags.dtype), alpha=f)  # (instance, flag) bin of every pixel
             hist = torch.bincount(v, minlength=n * f)
             # few instances among many possible ids: continue with the non-empty bins only
             bins = hist.nonzero().squeeze(1)
