@@ -117,3 +117,51 @@ def test_bad_label_in_a_part_names_the_file(tmp_path):
     ds = Rob2018(root, "val", parts=("scannet",))
     with pytest.raises(UserError, match="000000.png.*77"):
         ds[0]
+
+
+def _devkit_tree(root: Path, scannet_shifted: bool) -> Path:
+    """The ROB devkit's KITTI-format training folder with one frame per benchmark."""
+    training = root / "datasets_kitti2015" / "training"
+    cs_lab = _stripes(CS_IDS)
+    cs_inst = cs_lab.astype(np.uint16) * 256
+    cs_inst[:, 12:18] += 3  # car instance 3
+    for bench, name in (("Cityscapes", "aachen_000000_000019"), ("Kitti2015", "000000_10"),
+                        ("WildDash", "au0000_100000")):
+        write_kitti(training.parent, f"{bench}_{name}", _image(1), cs_lab, cs_inst)
+    sn = _stripes(NYU)
+    if scannet_shifted:
+        sn = np.where(sn > 0, sn + 33, 0).astype(np.uint8)
+    (training / "image_2").mkdir(exist_ok=True)
+    Image.fromarray(_image(2)).save(training / "image_2" / "ScanNet_scene0000_00_000000.jpg")
+    Image.fromarray(sn).save(training / "semantic" / "ScanNet_scene0000_00_000000.png")
+    return training
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_rob_devkit_layout(tmp_path, shifted):
+    training = _devkit_tree(tmp_path, shifted)
+    ds = get_dataset("rob2018", root=tmp_path, split="trainval")
+    assert [f.id for f in ds.files] == ["cityscapes_aachen_000000_000019", "kitti_000000_10",
+                                        "wilddash_au0000_100000", "scannet_scene0000_00_000000"]
+    assert [ds.source(i) for i in range(4)] == ["cityscapes", "kitti", "wilddash", "scannet"]
+    for i in range(3):
+        s = ds[i]
+        assert s.label[0, ::6].tolist() == CS_RESULT
+        assert (s.label[s.instances > 0] == 13).all() and len(np.unique(s.instances[s.instances > 0])) == 1
+    s = ds[3]  # raw NYU40 or already-shifted joint ids give the same rob39 labels
+    assert s.image.shape == (480, 640, 3) and s.label[0, ::160].tolist() == NYU_RESULT and s.instances is None
+    assert len(Rob2018(training.parent, "trainval", parts="scannet")) == 1  # datasets_kitti2015/ as root
+    assert len(Rob2018(training, "trainval", parts=("cityscapes", "kitti"))) == 2  # training/ as root
+    with pytest.raises(UserError, match="trainval"):
+        Rob2018(tmp_path, "train")
+
+
+def test_rob_devkit_bad_ids_name_the_file(tmp_path):
+    training = _devkit_tree(tmp_path, True)
+    Image.fromarray(np.full((H, W), 40, np.uint8)).save(training / "semantic" / "Kitti2015_000000_10.png")
+    ds = Rob2018(tmp_path, "trainval", parts="kitti")
+    with pytest.raises(UserError, match="Kitti2015_000000_10.png.*40"):
+        ds.load_target(0)
+    Image.fromarray(np.full((H, W), 80, np.uint8)).save(training / "semantic" / "ScanNet_scene0000_00_000000.png")
+    with pytest.raises(UserError, match="ScanNet_scene0000_00_000000.png.*80"):
+        Rob2018(tmp_path, "trainval", parts="scannet").load_target(0)

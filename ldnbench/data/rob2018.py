@@ -14,6 +14,13 @@ Root layout (each part as its own adapter expects it; every part root can be ove
     <root>/wilddash/     wd_val_01/
     <root>/scannet/      [scannet_frames_25k/]scene*/ + scannetv2_{train,val}.txt
 
+The folder made by the ROB 2018 devkit is read too: ``<root>/[datasets_kitti2015/]training/``
+``{image_2,semantic,instance}/<Benchmark>_<name>.png`` with benchmarks ``Cityscapes``, ``Kitti2015``,
+``WildDash`` and ``ScanNet``, ``semantic`` in the devkit's joint label ids (0..33 Cityscapes label ids,
+34..73 = NYU40 + 33) and ``instance`` = ``label*256 + k``. The devkit does not shift ScanNet's labels
+(DATASETS.md §7.3), so a ScanNet label holding any id in 1..33 is read as NYU40 (+33), otherwise as
+joint ids. That folder mixes the official splits, so it only offers ``trainval``.
+
 Splits (the part splits in :data:`PART_SPLITS`): ``trainval`` is the paper's ROB_LDN training set
 (Cityscapes train+val, all 200 KITTI frames, WildDash val, ScanNet train+val); ``train``/``val`` hold
 out Cityscapes val, ldnbench's fixed KITTI val and ScanNet val. WildDash v1 has only 70 labelled frames,
@@ -28,7 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from ldnbench.data.base import SampleFiles, SegDataset
+from ldnbench.data.io import read_label, read_png16
 from ldnbench.data.labels import IGNORE, LabelSpace, get_label_space
+from ldnbench.data.layout import index, lut, pair, remap, require_paired
 from ldnbench.errors import UserError
 
 PARTS = ("cityscapes", "kitti", "wilddash", "scannet")
@@ -70,11 +79,91 @@ def to_rob39_table(space: str) -> np.ndarray:
     return table
 
 
+#: Benchmark prefix of the devkit's file names -> part name.
+DEVKIT_PREFIXES = {"Cityscapes": "cityscapes", "Kitti2015": "kitti", "WildDash": "wilddash", "ScanNet": "scannet"}
+_NUM_CS_IDS = 34  # Cityscapes label ids 0..33 = joint ids 0..33; ScanNet NYU40 id n = joint id n + 33
+
+
+def joint_to_rob39_table() -> np.ndarray:
+    """int16 lookup: devkit joint id (0..73) -> rob39 index or 255; -1 for values that are not joint ids."""
+    from ldnbench.data.cityscapes import labelid_to_trainid
+    from ldnbench.data.scannet import nyu40_to_scannet20
+
+    table = np.full(256, -1, np.int16)
+    table[:_NUM_CS_IDS] = labelid_to_trainid()[:_NUM_CS_IDS]
+    sn_offset = offset_of("scannet20")
+    for nyu, idx in nyu40_to_scannet20().items():
+        if nyu > 0:
+            table[nyu + _NUM_CS_IDS - 1] = idx + sn_offset if idx != IGNORE else IGNORE
+    return table
+
+
+def find_devkit(root: Path) -> Path | None:
+    """The devkit's ``training`` folder (``root/datasets_kitti2015/training``, ``root/training`` or ``root``), if any."""
+    for cand in (root / "datasets_kitti2015" / "training", root / "training", root):
+        if (cand / "semantic").is_dir() and any((cand / "semantic").glob("*_*.png")):
+            return cand
+    return None
+
+
+class DevkitPart(SegDataset):
+    """The frames of one benchmark in the devkit's ``training`` folder, labels already in rob39."""
+
+    name = "rob2018"
+    label_space_name = "rob39"
+    splits = ("trainval",)
+
+    def __init__(self, training: Path, benchmark: str, *, scannet_size: tuple[int, int] | None = (640, 480),
+                 strict: bool = True):
+        super().__init__(training, "trainval")
+        self.label_space = rob39()
+        self.benchmark = benchmark
+        self.size = tuple(scannet_size) if benchmark == "ScanNet" and scannet_size is not None else None
+        pre = f"{benchmark}_"
+        images = {**index(sorted(training.glob(f"image_2/{pre}*.jpg")), ".jpg"),
+                  **index(sorted(training.glob(f"image_2/{pre}*.png")), ".png")}
+        labels = index(sorted(training.glob(f"semantic/{pre}*.png")), ".png")
+        inst = index(sorted(training.glob(f"instance/{pre}*.png")), ".png") if benchmark != "ScanNet" else {}
+        files, self.unpaired = pair(images, labels, inst)
+        self.files = [SampleFiles(f.id[len(pre):], f.image, f.label, f.instances) for f in files]
+        require_paired("rob2018", self.unpaired, strict)
+        self._table = joint_to_rob39_table()
+
+    def load_image(self, i: int) -> np.ndarray:
+        from ldnbench.data.scannet import resize_image
+
+        image = super().load_image(i)
+        return resize_image(image, self.size) if self.size is not None else image
+
+    def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        from ldnbench.data.scannet import image_size, resize_label
+
+        f = self.files[i]
+        raw = read_label(f.label)
+        if self.benchmark == "ScanNet":
+            if ((raw > 0) & (raw < _NUM_CS_IDS)).any():  # unshifted NYU40 ids
+                raw = np.where(raw > 0, raw.astype(np.int16) + _NUM_CS_IDS - 1, 0)
+            table = np.full(512, -1, np.int16)  # room for shifted ids above 255 (which are errors)
+            table[:256] = self._table
+            table[1:_NUM_CS_IDS] = -1  # no Cityscapes ids in a ScanNet frame
+            label = remap(raw, table, f.label, "ROB joint ids of ScanNet (0, 34..73) or NYU40 ids (0..40)")
+            return resize_label(label, self.size or image_size(f.image)), None
+        table = self._table.copy()
+        table[_NUM_CS_IDS:] = -1
+        label = remap(raw, table, f.label, "Cityscapes label ids 0..33")
+        instances = None
+        if f.instances is not None:
+            v = read_png16(f.instances)
+            instances = np.where(v % 256 > 0, v, 0).astype(np.int32)
+        return label, instances
+
+
 class Rob2018(SegDataset):
     name = "rob2018"
     label_space_name = "rob39"
     splits = ("train", "val", "trainval")
-    layout = "cityscapes/ + kitti/ + wilddash/ + scannet/ (each laid out as its own adapter expects)"
+    layout = ("cityscapes/ + kitti/ + wilddash/ + scannet/ (each laid out as its own adapter expects)  |  "
+              "ROB devkit: [datasets_kitti2015/]training/{image_2,semantic,instance}/<Benchmark>_*.png (trainval)")
     crop_size = 768  # road-driving frames dominate; the paper's Cityscapes/WildDash crop
 
     def __init__(self, root: str | Path, split: str = "trainval", *, parts: tuple[str, ...] | str = PARTS,
@@ -96,6 +185,19 @@ class Rob2018(SegDataset):
         self.parts: list[tuple[str, SegDataset, np.ndarray]] = []
         self.files, self.unpaired = [], []
         self._where: list[tuple[int, int]] = []  # sample i -> (part number, index in the part)
+        devkit = find_devkit(self.root)
+        if devkit is not None:
+            if split != "trainval":
+                raise UserError(f"{devkit} is the ROB devkit's training folder, which mixes the official train and "
+                                "val frames; use split 'trainval', or the cityscapes/ kitti/ wilddash/ scannet/ "
+                                "layout for train/val", 2)
+            for benchmark, part in DEVKIT_PREFIXES.items():
+                if part in parts:
+                    self._add(part, DevkitPart(devkit, benchmark, strict=strict), np.arange(256, dtype=np.uint8))
+            if not self.files:
+                raise UserError(f"no frames of {', '.join(parts)} in the ROB devkit folder {devkit} "
+                                f"(expected image_2/<Benchmark>_*.png with benchmarks {', '.join(DEVKIT_PREFIXES)})")
+            return
         for part in PARTS:
             if part not in parts:
                 continue
@@ -107,11 +209,14 @@ class Rob2018(SegDataset):
                 except UserError as e:
                     raise UserError(f"rob2018 part {part!r} ({part_split}): {e} (use the {part}_root option for "
                                     f"another location, or parts=... to leave it out)", e.exit_code) from None
-                k = len(self.parts)
-                self.parts.append((part, ds, table))
-                self.files += [SampleFiles(f"{part}_{f.id}", f.image, f.label, f.instances) for f in ds.files]
-                self._where += [(k, j) for j in range(len(ds))]
-                self.unpaired += getattr(ds, "unpaired", [])
+                self._add(part, ds, table)
+
+    def _add(self, part: str, ds: SegDataset, table: np.ndarray) -> None:
+        k = len(self.parts)
+        self.parts.append((part, ds, table))
+        self.files += [SampleFiles(f"{part}_{f.id}", f.image, f.label, f.instances) for f in ds.files]
+        self._where += [(k, j) for j in range(len(ds))]
+        self.unpaired += getattr(ds, "unpaired", [])
 
     def source(self, i: int) -> str:
         """The dataset sample ``i`` comes from (``cityscapes``, ``kitti``, ``wilddash`` or ``scannet``)."""

@@ -72,11 +72,31 @@ def read_label_tsv(path: Path) -> dict[int, int]:
         raise UserError(f"{path} is not ScanNet's label table (needs integer columns 'id' and 'nyu40id'): {e}") from None
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(W, H) of an image file, from its header."""
+    with Image.open(path) as im:
+        return im.size
+
+
 def png_bit_depth(path: Path) -> int:
     """Bit depth from a PNG's IHDR chunk (0 if the file is not a PNG)."""
     with open(path, "rb") as f:
         head = f.read(25)
     return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else 0
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 resized to ``size`` = (W, H), bilinear (no-op when already that size)."""
+    if (image.shape[1], image.shape[0]) == tuple(size):
+        return image
+    return np.array(Image.fromarray(image).resize(tuple(size), Image.BILINEAR))
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HxW label resized to ``size`` = (W, H) with nearest, as ScanNet's evaluator does."""
+    if (label.shape[1], label.shape[0]) == tuple(size):
+        return label
+    return np.array(Image.fromarray(label).resize(tuple(size), Image.NEAREST))
 
 
 def _scene_dirs(root: Path) -> list[Path]:
@@ -143,9 +163,7 @@ class ScanNet(SegDataset):
 
     def load_image(self, i: int) -> np.ndarray:
         image = read_rgb(self.files[i].image)
-        if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
-            image = np.array(Image.fromarray(image).resize(self.size, Image.BILINEAR))
-        return image
+        return resize_image(image, self.size) if self.size is not None else image
 
     def load_target(self, i: int) -> tuple[np.ndarray, None]:
         f = self.files[i]
@@ -154,10 +172,4 @@ class ScanNet(SegDataset):
             label = remap(raw, self._raw_table(), f.label, f"ScanNet ids of {self.label_map.name}")
         else:
             label = remap(raw, self._nyu40_lut, f.label, "NYU40 ids 0..40")
-        size = self.size
-        if size is None:
-            with Image.open(f.image) as im:
-                size = im.size
-        if (label.shape[1], label.shape[0]) != size:
-            label = np.array(Image.fromarray(label).resize(size, Image.NEAREST))
-        return label, None
+        return resize_label(label, self.size or image_size(f.image)), None
