@@ -155,3 +155,14 @@ def test_format_table_percent_one_decimal():
     r = m.compute()
     text = r.format_table()
     assert f"{100 * r.class_iou['road']:.1f}" in text and "vehicle" in text
+
+
+def test_bad_instances_leave_the_state_untouched():
+    space = get_label_space("cityscapes19")
+    m = SegMetrics(space)
+    gt = np.full((4, 4), space.index("car"), np.uint8)
+    with pytest.raises(UserError, match="negative"):
+        m.update(gt, gt, np.full((4, 4), -1, np.int32))
+    with pytest.raises(UserError, match="instance map shape"):
+        m.update(gt, gt, np.zeros((4, 5), np.int32))
+    assert m.compute().num_images == 0 and m.compute().confusion.sum() == 0
