@@ -11,7 +11,7 @@ from ldnbench.errors import UserError
 def _sample(h=20, w=30):
     # label = column index class (0..29), image encodes the column too: lets us check alignment
     cols = np.tile(np.arange(w, dtype=np.uint8), (h, 1))
-    image = np.stack([cols * 8, cols * 8, np.full_like(cols, 7)], -1)
+    image = np.stack([cols * 4, cols * 4, np.full_like(cols, 7)], -1)
     return Sample(image=image, label=cols.copy(), id="s")
 
 
@@ -30,7 +30,7 @@ def test_crop_size_dtype_and_image_label_alignment():
         assert img.shape == (3, 16, 16) and img.dtype == torch.float32
         assert lab.shape == (16, 16) and lab.dtype == torch.int64
         red = _denorm(img)[0].round()
-        assert torch.equal(red, lab.float() * 8)  # flip/crop applied identically to image and label
+        assert torch.equal(red, lab.float() * 4)  # flip/crop applied identically to image and label
         flipped += int(lab[0, 0] > lab[0, -1])
     assert 0 < flipped < 20
 
@@ -77,3 +77,17 @@ def test_eval_transform_and_collate_pad_different_sizes():
     assert (labels[1, 10:] == 255).all() and (labels[1, :, 12:] == 255).all()
     assert (images[1, :, 10:] == 0).all()
     assert torch.equal(labels[0], a[1])
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_rescale_factor_is_applied_to_the_crop(scale):
+    # label = column index: a crop row rescaled by s steps 1/s columns per pixel (0.5: 0,2,4..; 2: 0,0,1,1..)
+    t = TrainTransform((8, 24), scale=(scale, scale), flip=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        img, lab = t(_sample(20, 30) if scale > 1 else _sample(40, 60), generator=g)
+        row = lab[4]
+        values = row.unique()
+        assert len(values) in ((24,) if scale < 1 else (12, 13))
+        assert (values.diff() == (2 if scale < 1 else 1)).all()
+        assert (_denorm(img)[0, 4] - row.float() * 4).abs().max() <= 6  # image rescaled with the label
