@@ -70,14 +70,18 @@ def format_rows(rows: list[ZooRow], fmt: str) -> str:
     if fmt == "json":
         return json.dumps([{k: getattr(r, k) for k in JSON_KEYS} for r in rows], indent=2)
     df = _frame(rows)
-    if fmt == "table":
-        return df.fillna("").to_string(index=False)
     if fmt == "csv":
         return df.to_csv(index=False).rstrip("\n")
+    digits = {"params (M)": 3, "GMAC": 2, "GFLOP": 2, "paper params (M)": 1, "paper GMAC": 1}
+    shown = df.copy()
+    for col, d in digits.items():  # fixed decimals, blank where the paper has no row
+        shown[col] = df[col].map(lambda v, d=d: "" if pd.isna(v) else f"{v:.{d}f}")
+    if fmt == "table":
+        return shown.to_string(index=False)
     if fmt == "markdown":
-        return df.fillna("").to_markdown(index=False)
+        return shown.to_markdown(index=False, disable_numparse=True, colalign=["left"] + ["right"] * 7 + ["left"])
     if fmt == "latex":
-        return df.fillna("").to_latex(index=False, float_format="%.2f")
+        return shown.to_latex(index=False, escape=True, column_format="l" + "r" * 7 + "l")
     raise UserError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}", 2)
 
 
