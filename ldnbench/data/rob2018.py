@@ -37,7 +37,7 @@ import numpy as np
 from ldnbench.data.base import SampleFiles, SegDataset
 from ldnbench.data.io import read_label, read_png16
 from ldnbench.data.labels import IGNORE, LabelSpace, get_label_space
-from ldnbench.data.layout import index, lut, pair, remap, require_paired
+from ldnbench.data.layout import index, pair, remap, require_paired
 from ldnbench.errors import UserError
 
 PARTS = ("cityscapes", "kitti", "wilddash", "scannet")
@@ -50,7 +50,7 @@ PART_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
                  "scannet": ("train", "val")},
 }
 
-#: Label space of each part and the rob39 index of its class 0.
+#: Label space of each part's adapter.
 PART_SPACE = {"cityscapes": "cityscapes19", "kitti": "cityscapes19", "wilddash": "cityscapes19", "scannet": "scannet20"}
 
 
@@ -127,7 +127,14 @@ class DevkitPart(SegDataset):
         files, self.unpaired = pair(images, labels, inst)
         self.files = [SampleFiles(f.id[len(pre):], f.image, f.label, f.instances) for f in files]
         require_paired("rob2018", self.unpaired, strict)
-        self._table = joint_to_rob39_table()
+        joint = joint_to_rob39_table()
+        if benchmark == "ScanNet":
+            self._table = np.full(512, -1, np.int16)  # room for shifted ids above 255 (which are errors)
+            self._table[:256] = joint
+            self._table[1:_NUM_CS_IDS] = -1  # no Cityscapes ids in a ScanNet frame
+        else:
+            self._table = joint
+            self._table[_NUM_CS_IDS:] = -1  # no ScanNet ids in a road-driving frame
 
     def load_image(self, i: int) -> np.ndarray:
         from ldnbench.data.scannet import resize_image
@@ -143,14 +150,9 @@ class DevkitPart(SegDataset):
         if self.benchmark == "ScanNet":
             if ((raw > 0) & (raw < _NUM_CS_IDS)).any():  # unshifted NYU40 ids
                 raw = np.where(raw > 0, raw.astype(np.int16) + _NUM_CS_IDS - 1, 0)
-            table = np.full(512, -1, np.int16)  # room for shifted ids above 255 (which are errors)
-            table[:256] = self._table
-            table[1:_NUM_CS_IDS] = -1  # no Cityscapes ids in a ScanNet frame
-            label = remap(raw, table, f.label, "ROB joint ids of ScanNet (0, 34..73) or NYU40 ids (0..40)")
+            label = remap(raw, self._table, f.label, "ROB joint ids of ScanNet (0, 34..73) or NYU40 ids (0..40)")
             return resize_label(label, self.size or image_size(f.image)), None
-        table = self._table.copy()
-        table[_NUM_CS_IDS:] = -1
-        label = remap(raw, table, f.label, "Cityscapes label ids 0..33")
+        label = remap(raw, self._table, f.label, "Cityscapes label ids 0..33")
         instances = None
         if f.instances is not None:
             v = read_png16(f.instances)
