@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
@@ -166,7 +167,11 @@ def _head_config(spec: ModelSpec, overrides: dict) -> HeadConfig:
     context = {"nospp": "conv3x3", "pspspp": "psp"}.get(spec.ablation, "spp")
     cfg = HeadConfig(context=context, spp_out=spp_out, up_widths=spec.up_widths or _up_widths(n_up), aux=spec.ablation != "noaux",
                      dws=spec.ablation == "dws")
-    return dataclasses.replace(cfg, **overrides)
+    cfg = dataclasses.replace(cfg, **overrides)
+    if len(cfg.up_widths) != n_up:
+        raise UserError(f"{spec.name} has {n_up} upsampling steps, so up_widths needs {n_up} values, got "
+                        f"{list(cfg.up_widths)}", 2)
+    return cfg
 
 
 def build_model(name: str, num_classes: int, *, pretrained: str | None = None, imagenet_compatible: bool = False,
@@ -190,6 +195,10 @@ def build_model(name: str, num_classes: int, *, pretrained: str | None = None, i
         raise UserError(f"unknown model option(s) {', '.join(sorted(unknown))} for {spec.name}; valid: "
                         f"pretrained, imagenet_compatible, checkpointing, {', '.join(sorted(head_fields | bb_fields))}",
                         2)
+    # CLI and JSON configs give lists; the configs are frozen (hashable) dataclasses.
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    if len(options.get("block_config", (0,) * 4)) != 4:
+        raise UserError(f"block_config must list 4 dense-block sizes, got {options['block_config']}", 2)
     compat = imagenet_compatible or pretrained is not None
     if spec.family == "densenet":
         backbone: nn.Module = DenseNetBackbone(
@@ -202,5 +211,8 @@ def build_model(name: str, num_classes: int, *, pretrained: str | None = None, i
     if pretrained is not None:
         from ldnbench.models.weights import load_pretrained
 
-        model.pretrained_report = load_pretrained(model, spec, pretrained)
+        report = load_pretrained(model, spec, pretrained)
+        if report.missing or report.unexpected or report.mismatched:
+            warnings.warn(report.summary(), stacklevel=2)
+        model.pretrained_report = report
     return model
