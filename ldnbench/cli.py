@@ -390,6 +390,19 @@ def cross_cmd(train_sets, eval_sets, model, roots, results, train_split, eval_sp
                          "fix the cause and rerun: finished cells are kept")
 
 
+@main.command("demo")
+@click.option("--out", default="demo", show_default=True, help="Folder for datasets, runs, records, tables, figures.")
+@click.option("--budget", default="small", show_default=True, type=click.Choice(["small", "tiny"]),
+              help="small: real LDN121, a few minutes on 2 CPU cores; tiny: narrow model, a smoke test.")
+@click.option("--device", default="cpu", show_default=True)
+def demo_cmd(out, budget, device):
+    """Everything on synthetic data: datasets, training, cross matrix, pruning, leaderboards, figures."""
+    from ldnbench.demo import run_demo
+
+    res = run_demo(out, budget, device=device, progress=click.echo)
+    click.echo("\n" + res.summary())
+
+
 # --- benchmarks: bench memory, bench speed (ldnbench.bench) --------------------------------------
 
 

@@ -89,7 +89,7 @@ def default_evaluate(device: str = "cpu") -> EvaluateFn:
     def run(model: nn.Module, dataset: Any, mapping: Any = None) -> dict:
         from ldnbench.evaluate import evaluate
 
-        res = evaluate(model, dataset, mapping=mapping, device=device)
+        res = evaluate(model, dataset, mapping=mapping, device=device, progress=False)
         metrics = getattr(res, "metrics", res)
         return metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)
 

@@ -82,6 +82,7 @@ class CrossResult:
     skipped: list[tuple[str, str]]  #: cells already finished before this call
     out_dir: Path
     files: list[Path] = field(default_factory=list)
+    checkpoints: dict[str, Path] = field(default_factory=dict)  #: training set -> checkpoint evaluated
 
 
 def parse_names(spec: str | Sequence[str]) -> list[str]:
@@ -267,6 +268,7 @@ class _Study:
         cells: dict[tuple[str, str], float | None] = {}
         missing: dict[tuple[str, str], str] = {}
         trained, reused, evaluated, skipped = [], [], [], []
+        checkpoints: dict[str, Path] = {}
         for t in self.cfg.train:
             tcfg_hash = config_hash(self.train_config(t))
             todo = []
@@ -275,6 +277,8 @@ class _Study:
                 if rec is not None:
                     cells[(t, e)] = 100 * rec["metrics"]["miou"]
                     skipped.append((t, e))
+                    if rec.get("checkpoint") and Path(rec["checkpoint"]).is_file():
+                        checkpoints[t] = Path(rec["checkpoint"])
                 else:
                     todo.append(e)
             if not todo:
@@ -288,6 +292,7 @@ class _Study:
                 self.say(f"[{t}] training failed: {err}")
                 continue
             (reused if was_reused else trained).append(t)
+            checkpoints[t] = ckpt
             model_cache: dict = {}
             for e in todo:
                 try:
@@ -304,7 +309,7 @@ class _Study:
                 evaluated.append((t, e))
                 self.say(f"[{t} -> {e}] mIoU {100 * miou:.1f}")
         matrix = assemble_matrix(cells, self.cfg.train, self.cfg.eval)
-        res = CrossResult(matrix, missing, trained, reused, evaluated, skipped, self.out)
+        res = CrossResult(matrix, missing, trained, reused, evaluated, skipped, self.out, checkpoints=checkpoints)
         res.files = self.save(res)
         return res
 

@@ -1,0 +1,152 @@
+"""``ldnbench demo``: the whole suite on a fresh machine, no dataset or download needed.
+
+1. write synthetic Cityscapes, Vistas and KITTI trees (:func:`ldnbench.data.synthetic.generate`),
+2. ``cross``: train LDN121 on synthetic Vistas and on synthetic Cityscapes, evaluate both on
+   synthetic Cityscapes and KITTI (the trainings are the cross study's rows),
+3. ``prune``: the pruning curve of both trained models on synthetic Cityscapes,
+4. ``export``: leaderboards (CSV/LaTeX/Markdown) and figures.
+
+Every step is resumable: a second ``demo`` with the same ``--out`` reuses finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ldnbench.errors import UserError
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """How much work the demo does (image size, training iterations, model width)."""
+
+    name: str
+    size: tuple[int, int]  #: synthetic Cityscapes (width, height)
+    n: int  #: images per synthetic dataset (20% validation)
+    iters: int  #: training iterations per training set
+    crop: int
+    batch_size: int
+    lr: float
+    fractions: tuple[float, ...]
+    model: str = "ldn121-64to4"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    eval_limit: int | None = None
+
+
+BUDGETS: dict[str, DemoBudget] = {
+    # The real LDN121 64→4 (9.5M parameters), random init: the main demo.
+    "small": DemoBudget("small", size=(160, 80), n=150, iters=150, crop=96, batch_size=8, lr=2e-3,
+                        fractions=tuple(round(i / 10, 1) for i in range(11))),
+    # A narrow LDN121-shaped model on tiny images: a smoke test of every step in well under a minute.
+    "tiny": DemoBudget("tiny", size=(64, 32), n=5, iters=2, crop=64, batch_size=2, lr=2e-3,
+                       fractions=(0.0, 0.5, 1.0),
+                       model_options={"growth_rate": 8, "block_config": (2, 2, 2, 2), "num_init_features": 16,
+                                      "spp_bt": 32, "spp_level": 8, "spp_out": 32, "up_widths": (16, 16, 16, 16),
+                                      "up_bottleneck": 16}),
+}
+
+TRAIN_SETS = ["vistas", "cityscapes"]
+EVAL_SETS = ["cityscapes", "kitti"]
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    budget: str
+    seconds: dict[str, float]
+    matrix: Any
+    prune_csv: list[Path]
+    leaderboard_files: list[Path]
+    study_files: list[Path]
+
+    def summary(self) -> str:
+        from ldnbench.studies.cross import format_matrix
+
+        lines = [f"ldnbench demo ({self.budget} budget) finished in {self.seconds['total']:.0f} s "
+                 f"({', '.join(f'{k} {v:.0f} s' for k, v in self.seconds.items() if k != 'total')})", "",
+                 "cross-dataset mIoU (%) on synthetic data — rows: trained on, columns: evaluated on",
+                 format_matrix(self.matrix), ""]
+        lines += ["where everything went:",
+                  f"  datasets      {self.out / 'datasets'}  (synthetic Cityscapes / Vistas / KITTI trees)",
+                  f"  runs+records  {self.out / 'results'}"]
+        lines += [f"  pruning       {p}" for p in self.prune_csv]
+        lines += [f"  cross study   {p}" for p in self.study_files if p.suffix in (".csv", ".md", ".png")]
+        lines += [f"  leaderboard   {p}" for p in self.leaderboard_files]
+        return "\n".join(lines)
+
+
+def _synthetic(root: Path, b: DemoBudget, say: Callable[[str], None]) -> None:
+    from ldnbench.data.synthetic import MARKER, generate
+
+    want = {"seed": 0, "size": list(b.size), "n": b.n}
+    marks = [root / d / MARKER for d in ("cityscapes", "vistas", "kitti")]
+    if all(m.is_file() and json.loads(m.read_text()) == want for m in marks):
+        say(f"synthetic datasets already in {root}")
+        return
+    say(f"writing synthetic Cityscapes, Vistas and KITTI ({b.n} images each, {b.size[0]}x{b.size[1]}) to {root}")
+    generate(root, size=b.size, n=b.n, seed=0)
+
+
+def run_demo(out: str | Path = "demo", budget: str = "small", device: str = "cpu",
+             progress: Callable[[str], None] = print) -> DemoResult:
+    """Run every step of the demo into ``out`` and return where everything went."""
+    from ldnbench.report.tables import export
+    from ldnbench.studies.cross import CrossConfig, run_cross
+    from ldnbench.studies.prune import PruneConfig, run_prune
+
+    if budget not in BUDGETS:
+        raise UserError(f"unknown demo budget {budget!r}; choose one of: {', '.join(BUDGETS)}", 2)
+    b = BUDGETS[budget]
+    out = Path(out)
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def step(name: str, t: float) -> float:
+        now = time.perf_counter()
+        seconds[name] = now - t
+        return now
+
+    t = t0
+    _synthetic(out / "datasets", b, progress)
+    t = step("data", t)
+
+    roots = {name: str(out / "datasets" / name) for name in ("cityscapes", "vistas", "kitti")}
+    # cosine schedule over exactly the iteration budget (n_train images per training set)
+    n_train = b.n - max(1, round(0.2 * b.n))
+    epochs = max(1, math.ceil(b.iters * b.batch_size / n_train))
+    train_options = {"epochs": epochs, "max_iters": b.iters, "crop": b.crop, "batch_size": b.batch_size, "lr": b.lr,
+                     "pretrained": "none", "workers": 0, "progress": False, "model_options": dict(b.model_options)}
+    cross = run_cross(CrossConfig(train=TRAIN_SETS, eval=EVAL_SETS, model=b.model, roots=roots,
+                                  results=out / "results", eval_limit=b.eval_limit, device=device,
+                                  train_options=train_options), progress=progress)
+    if cross.missing:
+        raise UserError("the demo's cross study left cells missing: " + "; ".join(
+            f"{t} -> {e}: {w}" for (t, e), w in cross.missing.items()))
+    t = step("train+cross", t)
+
+    prune_csv = []
+    for train_set, ckpt in cross.checkpoints.items():
+        progress(f"pruning the {train_set}-trained model, evaluated on synthetic Cityscapes val")
+        pr = run_prune(PruneConfig(model=b.model, checkpoint=ckpt, dataset="cityscapes", root=roots["cityscapes"],
+                                   fractions=b.fractions, device=device, max_images=b.eval_limit,
+                                   out=out / "results" / "prune" / f"trained-on-{train_set}"),
+                       progress=lambda s: progress(f"  {s}"))
+        prune_csv.append(pr.csv)
+    t = step("prune", t)
+
+    # Synthetic scenes are not the paper's datasets: no published rows beside these numbers.
+    lb = export(out / "results", out / "leaderboards", with_paper=False)
+    for bad in lb.bad:
+        progress(f"skipped {bad.path}: {bad.reason}")
+    step("export", t)
+    seconds["total"] = time.perf_counter() - t0
+    return DemoResult(out, budget, seconds, cross.matrix, prune_csv, lb.files, cross.files)
+
+
+def budget_dict(name: str) -> dict[str, Any]:
+    return asdict(BUDGETS[name])
