@@ -108,16 +108,26 @@ class SegMetrics:
 
     ``pred`` and ``target`` are HxW or NxHxW integer label maps (torch tensors on any device or
     numpy arrays) holding class indices ``0..K-1`` or ``label_space.ignore_index``; predictions
-    may also hold the codes ``K..K+E-1`` declared by ``extra_pred_categories``. ``instances``
+    may also hold the codes ``K..K+E-1`` declared by ``extra_pred_categories``; ``pred_lut`` (256
+    entries, -1 = invalid) lets predictions arrive in another uint8 encoding (e.g. Cityscapes label
+    ids) that is translated inside the same lookup, at no extra cost. ``instances``
     (same shape, 0 = no instance) enables iIoU; its class is the ground truth at its pixels.
     States of several accumulators add up (:meth:`merge`, :meth:`all_reduce`).
     """
 
-    def __init__(self, label_space: LabelSpace, *, extra_pred_categories: tuple[int, ...] = ()):
+    def __init__(self, label_space: LabelSpace, *, extra_pred_categories: tuple[int, ...] = (),
+                 pred_lut: np.ndarray | None = None, pred_desc: str | None = None):
         self.space = label_space
         k = label_space.num_classes
         self.num_classes = k
         self.extra_pred_categories = tuple(extra_pred_categories)
+        if pred_lut is not None:
+            pred_lut = np.asarray(pred_lut, np.int64)
+            if pred_lut.shape != (256,):
+                raise ValueError("pred_lut must map the 256 raw prediction values to codes (-1 = invalid)")
+        self.pred_lut = pred_lut
+        self._pred_desc = pred_desc or (f"0..{k + len(self.extra_pred_categories) - 1} and {label_space.ignore_index}"
+                                        if pred_lut is None else "the prediction encoding")
         self._ignore = label_space.ignore_index
         self._cols = k + len(self.extra_pred_categories) + 1  # classes, extra void codes, ignore
         self._void_col = self._cols - 1
@@ -201,20 +211,25 @@ class SegMetrics:
         sentinel = (k + 1) * cols
         gt_row = np.full(256, -1, np.int64)
         gt_row[:k], gt_row[self._ignore] = np.arange(k), k
-        pred_col = np.full(256, -1, np.int64)
-        pred_col[: cols - 1], pred_col[self._ignore] = np.arange(cols - 1), self._void_col
+        col_of_code = np.full(256, -1, np.int64)
+        col_of_code[: cols - 1], col_of_code[self._ignore] = np.arange(cols - 1), self._void_col
+        cat_of_code = np.full(256, -1, np.int64)
+        if self.space.has_categories:
+            cat_of_code[:k] = self.space.class_category
+            cat_of_code[k:k + len(self.extra_pred_categories)] = self.extra_pred_categories
+        # raw prediction value -> code (identity unless a pred_lut translates an encoding)
+        code = np.arange(256) if self.pred_lut is None else self.pred_lut
+        pred_col = np.where(code >= 0, col_of_code[code.clip(0, 255)], -1)
+        cat_of_pred = np.where(pred_col >= 0, cat_of_code[code.clip(0, 255)], -1)
         cell = gt_row[:, None] * cols + pred_col[None, :]
         cell[(gt_row[:, None] < 0) | (pred_col[None, :] < 0)] = sentinel
-        cat_of_pred = np.full(256, -1, np.int64)
-        if self.space.has_categories:
-            cat_of_pred[:k] = self.space.class_category
-            cat_of_pred[k:k + len(self.extra_pred_categories)] = self.extra_pred_categories
         flag = np.zeros((256, 256), np.int64)
         for r, c in enumerate(self._inst_classes):
             flag[c, :] = 3 * r + 1
             if self.space.has_categories:
                 flag[c, cat_of_pred == self.space.class_category[c]] = 3 * r + 2
-            flag[c, c] = 3 * r + 3
+            flag[c, (code == c) & (pred_col >= 0)] = 3 * r + 3
+        self._invalid_pred = torch.from_numpy(pred_col < 0)
         # one table serves both: low 16 bits = confusion cell, high bits = instance flag
         combo = cell.reshape(-1) | (flag.reshape(-1) << 16)
         luts = (torch.from_numpy(cell.reshape(-1).astype(np.int32)).to(device),
@@ -260,7 +275,7 @@ class SegMetrics:
             raise UserError(f"label maps must be HxW or NxHxW, got shape {tuple(target.shape)}")
         n_img = 1 if target.dim() == 2 else target.shape[0]
         k = self.num_classes
-        valid_pred = f"0..{self._cols - 2} and {self._ignore}"
+        valid_pred = self._pred_desc
         g = self._check_range(target, "ground truth", f"0..{k - 1} and {self._ignore}").reshape(-1)
         p = self._check_range(pred, "prediction", valid_pred).reshape(-1)
         inst, inst_max = None, 0
@@ -300,7 +315,7 @@ class SegMetrics:
             raise UserError(f"ground truth has values {', '.join(map(str, bad_g[:8].tolist()))} outside "
                             f"0..{k - 1} and {self._ignore} (label space {self.space.name}); "
                             "map labels into the label space first")
-        bad_p = torch.unique(p[(p >= self._cols - 1) & (p != self._ignore)])
+        bad_p = torch.unique(p[self._invalid_pred.to(p.device)[p.long()]])
         raise UserError(f"prediction has values {', '.join(map(str, bad_p[:8].tolist()))} outside {valid_pred} "
                         f"(label space {self.space.name}); map predictions into the label space first")
 

@@ -30,7 +30,7 @@ PRED_FORMATS = ("labelIds", "trainIds")
 
 @dataclass(frozen=True)
 class PredFormat:
-    """How prediction pixel values become codes of :class:`SegMetrics` (LUT over 0..65535, -1 = invalid)."""
+    """How prediction pixel values become codes of :class:`SegMetrics` (LUT over 0..255, -1 = invalid)."""
 
     name: str
     lut: np.ndarray
@@ -41,7 +41,7 @@ class PredFormat:
 def get_pred_format(name: str, space: LabelSpace) -> PredFormat:
     """``trainIds``: class indices of the dataset's label space (255 = void); ``labelIds``: the
     34 Cityscapes label ids (only for datasets in the cityscapes19 space)."""
-    lut = np.full(1 << 16, -1, np.int32)
+    lut = np.full(256, -1, np.int64)
     if name == "trainIds":
         lut[: space.num_classes] = np.arange(space.num_classes)
         lut[IGNORE] = IGNORE
@@ -199,14 +199,14 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
     _check_matching(match, dataset, pred_dir)
     _check_headers(dataset, match)
 
-    lut = torch.from_numpy(fmt.lut)
     todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
     for i in range(len(dataset.files)):
         todo.put(i)
     n_workers = max(1, min(workers, len(dataset.files)))
     for _ in range(n_workers):
         todo.put(None)
-    accs = [SegMetrics(space, extra_pred_categories=fmt.extra_pred_categories) for _ in range(n_workers)]
+    accs = [SegMetrics(space, extra_pred_categories=fmt.extra_pred_categories, pred_lut=fmt.lut,
+                       pred_desc=fmt.describe) for _ in range(n_workers)]
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -221,14 +221,20 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
                 return
             try:
                 f = dataset.files[i]
-                raw = _decode_pred(match.files[f.id])
-                pred = lut.index_select(0, raw.to(torch.int32).view(-1)).view(raw.shape)
-                if (pred < 0).any():
-                    bad = torch.unique(raw[pred < 0])[:8].tolist()
-                    raise UserError(f"prediction {match.files[f.id]} has values {', '.join(map(str, bad))} "
-                                    f"outside {fmt.describe}; check --pred-format")
+                path = match.files[f.id]
+                pred = _decode_pred(path)
+                if pred.dtype != torch.uint8:  # 16-bit PNG: fine as long as the values are ids
+                    pred = pred.to(torch.int32)
+                    if pred.max() > 255:
+                        bad = torch.unique(pred[pred > 255])[:8].tolist()
+                        raise UserError(f"prediction {path} has values {', '.join(map(str, bad))} outside "
+                                        f"{fmt.describe}; check --pred-format")
+                    pred = pred.to(torch.uint8)
                 label, inst = dataset.load_target(i)
-                acc.update(pred, label, inst)
+                try:
+                    acc.update(pred, label, inst)  # translates the format inside its lookup table
+                except UserError as e:
+                    raise UserError(f"{path}: {e}; check --pred-format") from None
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
                 stop.set()

@@ -118,6 +118,12 @@ def test_labelid_predictions_match_official(tmp_path, monkeypatch, seed):
     for gt, inst, pred in frames:
         m.update(to_train[pred], gt_to_train[gt], np.where(inst >= 1000, inst, 0))
     ours = m.compute()
+    # the same with the label-id -> code translation done inside the accumulator's lookup table
+    lut = np.where(np.arange(256) <= 33, to_train, -1)
+    fused = SegMetrics(space, extra_pred_categories=extra, pred_lut=lut)
+    for gt, inst, pred in frames:
+        fused.update(pred, gt_to_train[gt], np.where(inst >= 1000, inst, 0))
+    _assert_same(fused.compute(), official, space)
     assert math.isnan(ours.class_iou["train"]) and math.isnan(ours.class_iiou["train"])
     assert (ours.confusion[space.num_classes] > 0).any(), "the data must contain ignored ground truth"
     _assert_same(ours, official, space)
