@@ -40,7 +40,7 @@ class WildDash(SegDataset):
             return any(d.startswith(prefix) for d in p.relative_to(self.root).parts[:-1])
 
         images = [p for p in found if in_split(p)]
-        if split == "val" and not images and not any(in_split(p) or "wd_bench" in str(p) for p in found):
+        if split == "val" and not images and not any("wd_bench" in p.as_posix() for p in found):
             images = found  # a flat unzip without the wd_val_01 folder
         if not images:
             raise not_found(self.name, self.root, f"{prefix}*/{IMAGE_GLOB}", "point --root at the unzipped WildDash folder")
