@@ -15,7 +15,6 @@ resumed with the same options ends with the same weights as an uninterrupted one
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -216,15 +215,6 @@ class _skip_empty:
 
     def __call__(self, batch):
         return self.collate(batch) if batch else None
-
-
-def _head(dataset, n: int | None):
-    """The first ``n`` samples of an adapter (its ``files`` list is what defines its length)."""
-    if n is None or n >= len(dataset):
-        return dataset
-    head = copy.copy(dataset)
-    head.files = dataset.files[:n]
-    return head
 
 
 # --- RNG state as checkpoint-safe plain types -----------------------------------------------------
@@ -503,7 +493,7 @@ def _open_datasets(cfg: TrainConfig, train_set, val_set):
                     val_set = None
     if len(train_set) == 0:
         raise UserError(f"the {cfg.split!r} split of {cfg.dataset} under {cfg.root} has no samples", 1)
-    return train_set, _head(val_set, cfg.val_limit) if val_set is not None else None
+    return train_set, val_set
 
 
 def _check_crop(cfg: TrainConfig, crop: int, train_set) -> None:
@@ -560,12 +550,10 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
             {"params": model.head_parameters(), "lr": cfg.lr, "name": "head"}]
 
 
-def _validate(model, val_set, device, amp: str) -> dict[str, Any]:
+def _validate(model, val_set, device, amp: str, limit: int | None) -> dict[str, Any]:
     from ldnbench.evaluate import evaluate
 
-    res = evaluate(model, val_set, device=device, progress=False)
-    metrics = getattr(res, "metrics", res)
-    return metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics)
+    return evaluate(model, val_set, device=device, amp=amp != "none", progress=False, max_images=limit).metrics.to_dict()
 
 
 def _complexity(model, imagenet_compatible: bool) -> dict[str, Any]:
@@ -877,12 +865,7 @@ class _Run:
     def _validate(self) -> dict[str, Any] | None:
         if self.val_set is None:
             return None
-        self.model.eval()
-        try:
-            with self.autocast():
-                return _validate(self.model, self.val_set, self.device, self.amp)
-        finally:
-            self.model.train()
+        return _validate(self.model, self.val_set, self.device, self.amp, self.cfg.val_limit)
 
     def _maybe_best(self, metrics: dict[str, Any], final: bool = False) -> None:
         miou = metrics.get("miou")

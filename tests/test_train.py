@@ -39,6 +39,15 @@ def _scene(rng, h=72, w=96):
     return np.clip(img, 0, 255).astype(np.uint8), ids
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: one thread avoids OpenMP spin-waiting on the shared 2 cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def cs_root(tmp_path_factory):
     from ldnbench.data.synthetic import write_cityscapes
@@ -67,7 +76,7 @@ def _cli(*args, cwd=None, **popen):
 
 
 def test_loss_decreases_and_run_files_are_complete(cs_root, tmp_path):
-    res = train(_config(cs_root, tmp_path / "run", epochs=8, save_every=3, lr=3e-3))
+    res = train(_config(cs_root, tmp_path / "run", epochs=8, save_every=3, lr=3e-3, val_split="val", val_every=4))
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 8 and res.iterations == 16
     assert np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2])
@@ -85,9 +94,24 @@ def test_loss_decreases_and_run_files_are_complete(cs_root, tmp_path):
     changed = [k for k, v in ck["train_bn"].items() if k.endswith("running_mean") and not torch.equal(v, ck["model"][k])]
     assert changed
 
+    # validation at epoch 4 and at the end (after the BN recomputation); best.pt holds the better one
+    assert [h["val"] is not None for h in res.history] == [False] * 3 + [True] + [False] * 4
+    assert res.final_metrics["num_images"] == 2 and 0 <= res.final_metrics["miou"] <= 1
+    best = torch.load(res.best_checkpoint, weights_only=True)
+    assert best["metrics"]["miou"] == res.best_miou == max(res.final_metrics["miou"], res.history[3]["val"]["miou"])
+    # the evaluator reads the trainer's checkpoints as they are
+    from ldnbench.evaluate import evaluate, load_eval_model
+    from ldnbench.data.registry import get_dataset
+
+    model, space = load_eval_model(res.last_checkpoint)
+    assert space == "cityscapes19"
+    again = evaluate(model, get_dataset("cityscapes", cs_root, "val"), progress=False).metrics.to_dict()
+    assert again["miou"] == pytest.approx(res.final_metrics["miou"])
+
     rec = json.loads(res.record_path.read_text())
     assert rec["kind"] == "train" and rec["status"] == "finished" and rec["seed"] == 0
     assert rec["model"] == MODEL and rec["dataset"] == "cityscapes" and rec["config"]["batch_size"] == 4
+    assert rec["metrics"]["miou"] == pytest.approx(res.final_metrics["miou"])
     assert [h["loss"] for h in rec["history"]] == pytest.approx(losses)
     assert rec["complexity"]["params"] == sum(v.numel() for k, v in ck["model"].items() if "running" not in k
                                               and "num_batches" not in k)
@@ -166,7 +190,7 @@ def _weights(path):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_ends_with_identical_weights(cs_root, tmp_path):
-    common = ["--root", cs_root, "--epochs", 2, "--batch-size", 2, "--save-every", 2, "--val-split", "none"]
+    common = ["--root", cs_root, "--epochs", 2, "--batch-size", 2, "--save-every", 2]
     full = _cli(*common, "--out", tmp_path / "full")
     killed = _cli(*common, "--out", tmp_path / "cut")
     last = tmp_path / "cut" / "last.pt"
@@ -190,7 +214,7 @@ def test_sigkill_and_resume_ends_with_identical_weights(cs_root, tmp_path):
     ra = json.loads((tmp_path / "full" / "result.json").read_text())
     rb = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert [h["loss"] for h in ra["history"]] == [h["loss"] for h in rb["history"]]
-    assert ra["metrics"] == rb["metrics"]
+    assert ra["metrics"]["num_images"] == 2 and ra["metrics"] == rb["metrics"]
 
 
 @pytest.mark.slow
