@@ -239,7 +239,8 @@ def test_load_reports_missing_unexpected_and_old_keys(tmp_path, densenet121_file
     state["features.denseblock2.denselayer1.norm.1.weight"] = state.pop("features.denseblock2.denselayer1.norm1.weight")
     path = tmp_path / "partial.pth"
     torch.save(state, path)
-    model = build_model("ldn121", 3, pretrained=str(path))
+    with pytest.warns(UserWarning, match="1 missing: denseblock4.denselayer16.conv2.weight; 1 unexpected"):
+        model = build_model("ldn121", 3, pretrained=str(path))
     rep = model.pretrained_report
     assert rep.missing == ["denseblock4.denselayer16.conv2.weight"]
     assert rep.unexpected == ["extra.weight"]
