@@ -312,3 +312,12 @@ def test_imagenet_from_hub_cache_without_network(tmp_path, monkeypatch, densenet
     model = build_model("ldn121", 3, pretrained="imagenet")
     assert model.pretrained_report.loaded > 0 and model.pretrained_report.missing == []
     torch.testing.assert_close(model.backbone.conv0.weight, tv_state["features.conv0.weight"])
+
+
+def test_train_step_with_batch_of_one():
+    # SPP's 1x1 grid cell has one value per channel at batch size 1; training must still work.
+    model = build_model("ldn121-64to4", 3, **tiny_options("ldn121-64to4")).train()
+    logits, aux = model(torch.randn(1, 3, H, W))
+    (logits.mean() + sum(a.mean() for a, _ in aux)).backward()
+    assert logits.shape == (1, 3, H, W) and len(aux) == 4
+    assert model.backbone.conv0.weight.grad is not None

@@ -87,6 +87,7 @@ class LadderNet(nn.Module):
         self.output_reduction = red
         self.pad_multiple = backbone.reduction
         self.checkpointing = "none"
+        self.pretrained_report = None  # set by build_model when backbone weights are loaded
         self._policy = get_policy("none")
         self._init_weights()
 

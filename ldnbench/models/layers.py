@@ -13,6 +13,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     Checkpointed segments run their forward twice per step; during the recomputation
     ``update_stats`` is False so the batch is normalised with the same batch statistics but the
     running mean/var are updated exactly once (see :mod:`ldnbench.models.checkpointing`).
+    A training batch with a single value per channel is normalised with the running statistics.
     """
 
     def __init__(self, num_features: int, **kwargs):
@@ -20,6 +21,10 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.update_stats = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.numel() == x.shape[1] and self.running_mean is not None:
+            # One value per channel (SPP's 1×1 grid cell at batch size 1): batch statistics are undefined,
+            # so normalise with the running ones instead of failing.
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.training and not self.update_stats and self.running_mean is not None:
             # Same op as the first pass (autograd saves the same tensors), but the update goes to throwaway copies.
             return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True,
