@@ -284,11 +284,13 @@ class SegMetrics:
             if inst.shape != target.shape:
                 raise UserError(f"instance map shape {tuple(inst.shape)} differs from ground truth shape "
                                 f"{tuple(target.shape)}")
+            inst = inst.reshape(n_img, target.shape[-2], target.shape[-1])
             if inst.numel():
-                lo, hi = torch.aminmax(inst)
-                if lo < 0:
+                # per-row extremes: the negative check, the largest id, and the band of rows with objects
+                row_min, row_max = torch.aminmax(inst, dim=2)
+                if row_min.min() < 0:
                     raise UserError("instance maps must not hold negative ids (0 = no instance)")
-                inst_max = int(hi)
+                inst_max = int(row_max.max())
         self._to(dev)
         cell_lut, combo_lut = self._build_luts(dev)
         # gt*256+pred as int32, then one gather gives the confusion cell (and instance flag) of every pixel
@@ -306,7 +308,7 @@ class SegMetrics:
         if self._inst_classes and inst is None:
             self.images_without_instances += n_img
         if inst is not None:
-            self._update_instances(inst.reshape(n_img, -1), combo.bitwise_right_shift_(16).view(n_img, -1), inst_max)
+            self._update_instances(inst, combo.bitwise_right_shift_(16).view(inst.shape), row_max, inst_max)
 
     def _raise_invalid(self, g: torch.Tensor, p: torch.Tensor, valid_pred: str) -> None:
         k = self.num_classes
@@ -319,19 +321,27 @@ class SegMetrics:
         raise UserError(f"prediction has values {', '.join(map(str, bad_p[:8].tolist()))} outside {valid_pred} "
                         f"(label space {self.space.name}); map predictions into the label space first")
 
-    def _update_instances(self, inst: torch.Tensor, flags: torch.Tensor, inst_max: int) -> None:
+    def _update_instances(self, inst: torch.Tensor, flags: torch.Tensor, row_max: torch.Tensor,
+                          inst_max: int) -> None:
+        """Instance-weighted TP/FN sums of NxHxW ``inst`` given per-pixel flags (see ``_build_luts``)."""
         r_count = len(self._inst_classes)
         f = 1 + 3 * r_count
         dev = inst.device
         for b in range(inst.shape[0]):  # instance ids are per image
-            ids, hi = inst[b], inst_max
+            rows = (row_max[b] > 0).nonzero()
+            if not rows.numel():
+                continue
+            # only the band of rows that holds objects (a view: objects cluster mid-image in street scenes)
+            r0, r1 = int(rows[0]), int(rows[-1]) + 1
+            ids, hi = inst[b, r0:r1].reshape(-1), inst_max
+            flag_b = flags[b, r0:r1].reshape(-1)
             if (hi + 1) * f > _MAX_DIRECT_INSTANCE_BINS:
                 uniq, ids = torch.unique(ids, return_inverse=True)
                 if uniq[0] != 0:  # keep index 0 for "no instance"
                     ids = ids + 1
                 hi = int(ids.max())
             n = hi + 1
-            v = flags[b].add(ids.to(flags.dtype), alpha=f)  # (instance, flag) bin of every pixel
+            v = flag_b.add(ids.to(flags.dtype), alpha=f)  # (instance, flag) bin of every pixel
             hist = torch.bincount(v, minlength=n * f)
             # few instances among many possible ids: continue with the non-empty bins only
             bins = hist.nonzero().squeeze(1)
