@@ -34,7 +34,7 @@ def test_check_json_full_histogram(cli_runner, synth_root):
     doc = json.loads(r.output)
     assert doc["dataset"] == "kitti" and doc["label_space"] == "cityscapes19"
     val = doc["splits"]["val"]
-    assert val["pairs"] == 2 and val["problems"] == []
+    assert val["pairs"] == 2 and val["images"] == 2 and val["problems"] == []
     hist = val["histogram"]
     assert list(hist)[:2] == ["road", "sidewalk"] and list(hist)[-1] == "ignore" and len(hist) == 20
     assert sum(hist.values()) == 2 * 24 * 96 and hist["road"] > 0 and hist["sky"] > 0

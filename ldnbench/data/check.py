@@ -27,6 +27,7 @@ class SplitCheck:
 
     split: str
     pairs: int = 0
+    images: int = 0
     #: Class names (and "ignore") present in the labels that were read.
     labels_seen: list[str] = field(default_factory=list)
     files_read: int = 0
@@ -51,7 +52,7 @@ class CheckReport:
         """The ``--json`` document: dataset, label_space, splits -> pairs (+ histogram with --full)."""
         out = {"dataset": self.dataset, "label_space": self.label_space, "root": self.root, "splits": {}}
         for name, s in self.splits.items():
-            d: dict = {"pairs": s.pairs}
+            d: dict = {"pairs": s.pairs, "images": s.images}
             if s.missing:
                 d["missing"] = s.missing
             else:
@@ -124,6 +125,7 @@ def check_dataset(name: str, root: str | Path | None = None, split: str | None =
             continue
         report.label_space = ds.label_space.name
         chk.pairs = sum(f.label is not None for f in ds.files)
+        chk.images = len(ds.files)
         chk.problems += [f"unpaired file (no matching image/label): {p}" for p in getattr(ds, "unpaired", [])]
         n = len(ds)
         idx = range(n) if full else sorted({int(round(x)) for x in np.linspace(0, n - 1, min(sample, n))})
@@ -152,6 +154,9 @@ def format_report(report: CheckReport) -> str:
     for s in report.splits.values():
         if s.missing:
             lines.append(f"  {s.split:<9} not found: {s.missing}")
+            continue
+        if s.pairs == 0 and s.images:
+            lines.append(f"  {s.split:<9} {s.images:>6} images without labels")
             continue
         seen = ", ".join(s.labels_seen) or "-"
         lines.append(f"  {s.split:<9} {s.pairs:>6} image/label pairs; classes in {s.files_read} label file(s) read: {seen}")
