@@ -148,6 +148,12 @@ def prune_curves_frame(record: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def prune_label(record: dict) -> str:
+    """``model (trained on X)`` for a ``prune`` record, or just the model name."""
+    train = record.get("train_dataset")
+    return f"{record.get('model')} (trained on {train})" if train else str(record.get("model"))
+
+
 def cross_matrix_frame(record: dict) -> pd.DataFrame:
     """The mIoU (%) matrix of a ``cross`` record (rows: training sets, columns: evaluation sets)."""
     m = record["matrix"]
@@ -171,12 +177,13 @@ def figures_from_records(records: list[dict], tables: dict[str, pd.DataFrame], o
         files += cross_heatmap(cross_matrix_frame(cross[-1]), out / "cross_matrix")
     prune = _newest(records, "prune")
     if prune:
-        latest = {(r.get("model"), r.get("dataset")): r for r in prune}
+        latest = {(r.get("model"), r.get("train_dataset"), r.get("dataset")): r for r in prune}
+        several_sets = len({k[2] for k in latest}) > 1
         curves = []
-        for (model, dataset), r in latest.items():
+        for (model, train, dataset), r in latest.items():
             c = prune_curves_frame(r)
             if not c.empty:
-                curves.append(c.assign(model=f"{model} ({dataset})" if len(latest) > 1 else model))
+                curves.append(c.assign(model=prune_label(r) + (f", on {dataset}" if several_sets else "")))
         if curves:
             files += pruning_curves(pd.concat(curves, ignore_index=True)[["fraction", "miou_pct", "model"]],
                                     out / "pruning_miou")

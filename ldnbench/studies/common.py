@@ -63,6 +63,7 @@ def load_trained_model(model_name: str | None, checkpoint: str | Path | None, nu
             raise UserError(f"checkpoint {checkpoint} does not fit model {name} with {classes} classes ({first}); "
                             "pass the --model it was trained with") from None
     model.label_space_name = ckpt.get("label_space")
+    model.trained_on = config.get("dataset")
     return model.eval()
 
 

@@ -224,12 +224,13 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
                       split=cfg.split, device=cfg.device, command=command,
                       metrics={"miou_unpruned": next((p["miou"] for p in curve if p["fraction"] == 0), None)},
                       checkpoint=str(cfg.checkpoint) if cfg.checkpoint else None, blocks=cfg.blocks,
+                      train_dataset=getattr(model, "trained_on", None),
                       units_per_block=per_block, classes=classes, curve=curve, max_images=cfg.max_images)
     out = Path(cfg.out) / f"prune-{rec['model']}-{cfg.dataset}-{rec['run_id'].split('-', 1)[1]}"
     df = result.frame()
     result.csv = atomic_write_text(out / "prune.csv", df.to_csv(index=False, float_format="%.6g"))
     result.record = write_record(out / "result.json", rec)
-    curves = F.prune_curves_frame(rec).assign(model=rec["model"])
+    curves = F.prune_curves_frame(rec).assign(model=F.prune_label(rec))
     result.figures = F.pruning_curves(curves, out / "pruning_miou") + F.pruning_class_curves(
         curves, classes, out / "pruning_classes", title=f"Per-class IoU after pruning ({rec['model']})")
     return result
