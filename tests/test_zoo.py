@@ -144,6 +144,11 @@ def test_cli_flops(cli_runner):
     assert gmac == pytest.approx(66.69 / 2, rel=0.01)
 
 
+def test_cli_flops_reports_padding(cli_runner):
+    res = cli_runner.invoke(main, ["flops", "--model", "lddn121-8to4", "--height", "65", "--width", "97"])
+    assert res.exit_code == 0 and "1x3x65x97 (the model pads it to 72x104)" in res.output
+
+
 def test_cli_unknown_model_exit_2(cli_runner):
     res = cli_runner.invoke(main, ["flops", "--model", "ldn999"])
     assert res.exit_code == 2

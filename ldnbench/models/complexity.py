@@ -29,6 +29,7 @@ class Complexity:
     gflop: float
     counted_ops: dict[str, float]  # aten op -> GMAC
     uncounted_ops: list[str]
+    padded: tuple[int, int] = (0, 0)  # size the model computes on after padding to its pad_multiple
 
     @property
     def params_m(self) -> float:
@@ -69,8 +70,10 @@ def count_macs(model: nn.Module, height: int = 1024, width: int = 1024, name: st
     counts = counter.get_flop_counts().get("Global", {})
     counted = {str(op): flops / 2e9 for op, flops in counts.items()}
     total = counter.get_total_flops()
+    m = getattr(model, "pad_multiple", 1)
+    padded = (-(-height // m) * m, -(-width // m) * m)
     return Complexity(name or getattr(model, "name", type(model).__name__), height, width, count_params(model),
-                      total / 2e9, total / 1e9, counted, sorted(recorder.seen - set(counted)))
+                      total / 2e9, total / 1e9, counted, sorted(recorder.seen - set(counted)), padded)
 
 
 def model_complexity(name: str, height: int = 1024, width: int = 1024, num_classes: int = 19,

@@ -87,7 +87,8 @@ def format_rows(rows: list[ZooRow], fmt: str) -> str:
 
 def format_complexity(c: Complexity) -> str:
     """Human-readable report of one count (``ldnbench flops``)."""
-    lines = [f"model: {c.model}", f"input: 1x3x{c.height}x{c.width}", f"params: {c.params_m:.3f} M ({c.params})",
+    pad = f" (the model pads it to {c.padded[0]}x{c.padded[1]})" if c.padded != (c.height, c.width) else ""
+    lines = [f"model: {c.model}", f"input: 1x3x{c.height}x{c.width}{pad}", f"params: {c.params_m:.3f} M ({c.params})",
              f"GMAC: {c.gmac:.3f}", f"GFLOP: {c.gflop:.3f}", "counted ops (GMAC):"]
     lines += [f"  {op}: {v:.3f}" for op, v in sorted(c.counted_ops.items())]
     lines.append("ran but not counted: " + (", ".join(c.uncounted_ops) or "-"))
