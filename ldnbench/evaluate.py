@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ldnbench.data.labels import LabelSpace
+from ldnbench.data.transforms import to_input
 from ldnbench.errors import UserError
 from ldnbench.inference import predict
 from ldnbench.metrics import MetricResult, SegMetrics
@@ -145,8 +146,6 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
         t = time.perf_counter()
         for sample in loader:
             image, label, instances = _unpack(sample)
-            from ldnbench.data.transforms import to_input
-
             x = to_input(image).to(device)
             t1 = time.perf_counter()
             pred = predict(model, x[0], settings.scales, settings.flip, settings.sliding, mapping=mapping,
