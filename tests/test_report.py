@@ -99,7 +99,7 @@ def test_latex_fragment_structure_and_compiles(tmp_path):
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex not installed: structure checked, compilation not")
     doc = tmp_path / "doc.tex"
-    doc.write_text("\\documentclass{article}\\usepackage[T1]{fontenc}\\begin{document}\n"
+    doc.write_text("\\documentclass{article}\\begin{document}\n"
                    f"\\input{{{tmp_path / 'lb' / 'camvid.tex'}}}\n\\end{{document}}\n")
     p = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
