@@ -151,3 +151,20 @@ def test_cli_score_writes_json(tree, cli_runner, tmp_path):
     r = cli_runner.invoke(main, ["score", "--dataset", "cityscapes", "--root", str(root), "--pred",
                                  str(tmp_path / "missing")])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("error: ")
+
+
+def test_palette_and_16bit_prediction_pngs_are_read_as_ids(tree):
+    root, pred_dir, frames = tree
+    ds = get_dataset("cityscapes", root, "val")
+    ref = score_predictions(ds, pred_dir, progress=False).metrics
+    p0 = pred_dir / "frankfurt" / f"{SIDS[0]}_leftImg8bit.png"
+    img = Image.fromarray(frames[SIDS[0]][2], "P")
+    img.putpalette(list(np.random.default_rng(1).integers(0, 255, 768)))  # colours must not matter
+    img.save(p0)
+    p1 = pred_dir / "frankfurt" / f"{SIDS[1]}_leftImg8bit.png"
+    Image.fromarray(frames[SIDS[1]][2].astype(np.uint16)).save(p1)
+    again = score_predictions(ds, pred_dir, progress=False).metrics
+    assert np.array_equal(again.confusion, ref.confusion) and again.iiou == ref.iiou
+    Image.fromarray(np.full((H, W), 700, np.uint16)).save(p1)
+    with pytest.raises(UserError, match="values 700 outside"):
+        score_predictions(ds, pred_dir, progress=False)
