@@ -61,9 +61,10 @@ def test_multiscale_flip_averages_softmax_of_every_pass():
     for s in MS_SCALES:
         xs = F.interpolate(x, size=(round(37 * s), round(53 * s)), mode="bilinear", align_corners=False)
         for flip in (False, True):
-            p = model(xs.flip(-1) if flip else xs).softmax(1)
-            p = p.flip(-1) if flip else p
-            expected = expected + F.interpolate(p, size=(37, 53), mode="bilinear", align_corners=False)
+            logits = model(xs.flip(-1) if flip else xs)
+            logits = F.interpolate(logits, size=(37, 53), mode="bilinear", align_corners=False)
+            p = logits.softmax(1)
+            expected = expected + (p.flip(-1) if flip else p)
     expected = expected / (2 * len(MS_SCALES))
     with torch.no_grad():
         probs = predict_probs(model, x, MS_SCALES, flip=True)
