@@ -148,10 +148,10 @@ DOMAINS = {
                                 VEGETATION: (50, 150, 60), SKY: (150, 185, 245), CAR: (150, 40, 40)},
                      (1.0, 0.75), (0.3, 0.55), {CAR: (1, 4), PERSON: (2, 6), POLE: (3, 6), TRUCK: (0, 1), STATIC: (0, 2)},
                      gain=(0.8, 1.2), buildings=0.9, markings=True, noise=7.0),
-    "kitti": Domain("kitti", {**_BASE, ROAD: (120, 118, 112), SIDEWALK: (150, 150, 140), BUILDING: (120, 110, 100),
-                              VEGETATION: (45, 95, 35), SKY: (185, 195, 205), TERRAIN: (120, 130, 70)},
+    "kitti": Domain("kitti", {**_BASE, ROAD: (105, 104, 106), SIDEWALK: (160, 155, 145), BUILDING: (135, 115, 100),
+                              VEGETATION: (50, 105, 40), SKY: (160, 185, 215), TERRAIN: (130, 145, 75)},
                     (1.5, 0.75), (0.42, 0.55), {CAR: (2, 6), PERSON: (0, 2), POLE: (1, 3), TRUCK: (0, 1), STATIC: (0, 0)},
-                    gain=(0.7, 0.9), buildings=0.45, noise=4.0),
+                    gain=(0.8, 0.95), buildings=0.45, noise=4.0),
 }
 
 
