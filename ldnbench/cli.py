@@ -202,7 +202,8 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
               help="labelIds: Cityscapes label ids 0..33 (what the official tool takes; default for Cityscapes); "
                    "trainIds: class indices of the dataset's label space, 255 = void.")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the metrics as JSON here.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Decoding/accumulating threads.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Decoding/accumulating threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def score_cmd(dataset, root, split, pred_dir, pred_format, json_out, workers, quiet):
     """Score a folder of prediction PNGs with the official Cityscapes metric definitions."""
