@@ -742,6 +742,9 @@ class _Run:
             if self.step == self.iters_per_epoch:
                 self._end_epoch()
         if self.step:  # stopped mid-epoch by max_iters: keep the exact position
+            r = self.running
+            self._log(f"stopped at iteration {self.iteration} (--max-iters) after {self.step}/{self.iters_per_epoch} "
+                      f"batches of epoch {self.epoch + 1}: loss {r['loss'] / max(r['n'], 1):.4f} over them")
             self._save_last()
         if cfg.recompute_bn and self.train_bn is None:
             self.train_bn = _bn_buffers(self.model)
