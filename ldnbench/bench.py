@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldnbench.errors import UserError
 from ldnbench.models.checkpointing import POLICIES as _MODEL_POLICIES
@@ -237,6 +238,7 @@ class MemoryRow:
     max_batch: int | None = None
     max_batch_note: str | None = None
     step_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)  # process CPU time per step (robust to other load)
     baseline_mb: float | None = None
     method: str | None = None
     pid: int | None = None
@@ -321,18 +323,19 @@ def measure_policy(cfg: MemoryConfig, policy: str) -> MemoryRow:
     meter.start()
     for _ in range(cfg.warmup):
         step(x, y)
-    times = []
+    times, cpu = [], []
     for _ in range(cfg.steps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(x, y)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = meter.peak_mb()
     total = sum(times)
     row = MemoryRow(policy=policy, peak_mb=round(peak, 1),
                     images_per_s=round(cfg.batch_size * len(times) / total, 4) if total > 0 else None,
-                    step_s=[round(t, 4) for t in times], baseline_mb=round(meter.baseline_mb, 1),
+                    step_s=[round(t, 4) for t in times], cpu_s=[round(t, 4) for t in cpu], baseline_mb=round(meter.baseline_mb, 1),
                     method=meter.method, pid=os.getpid())
     if cfg.find_max_batch:
         del x, y
@@ -396,8 +399,13 @@ class MemoryResult:
 
 
 def bench_memory(cfg: MemoryConfig, policies: list[str] | str = "all",
-                 progress: Callable[[str], None] | None = None, timeout: float | None = None) -> MemoryResult:
-    """Measure every policy in its own fresh worker process, one after the other."""
+                 progress: Callable[[str], None] | None = None, timeout: float | None = None,
+                 on_row: Callable[[MemoryResult], None] | None = None) -> MemoryResult:
+    """Measure every policy in its own fresh worker process, one after the other.
+
+    ``on_row(partial_result)`` is called after each policy (the CLI saves the record there, so a long
+    run that is interrupted keeps the policies already measured).
+    """
     from ldnbench.models import build_model
 
     check_device(cfg.device)
@@ -409,16 +417,21 @@ def bench_memory(cfg: MemoryConfig, policies: list[str] | str = "all",
         build_model(cfg.model, cfg.num_classes, **cfg.model_options)
     except TypeError as e:
         raise UserError(f"model {cfg.model!r} does not accept these options: {e}", 2) from None
-    rows = []
+    result = MemoryResult(cfg, [])
     for p in names:
         if progress:
             progress(f"policy {p}: training {cfg.warmup}+{cfg.steps} steps of batch {cfg.batch_size} "
                      f"at {cfg.crop}x{cfg.crop} on {cfg.device} in a fresh process ...")
-        rows.append(run_policy_subprocess(cfg, p, timeout=timeout))
-    return MemoryResult(cfg, rows)
+        result.rows.append(run_policy_subprocess(cfg, p, timeout=timeout))
+        if progress:
+            r = result.rows[-1]
+            progress(f"policy {p}: " + (r.error or f"peak {r.peak_mb:.0f} MB, {r.images_per_s:.3f} images/s"))
+        if on_row:
+            on_row(result)
+    return result
 
 
-def memory_record(result: MemoryResult, command: list[str] | None = None) -> dict[str, Any]:
+def memory_record(result: MemoryResult, command: list[str] | None = None, run_id: str | None = None) -> dict[str, Any]:
     """The ``bench-memory`` result record (rows carry model, policy, peak_mb, images_per_s, ...)."""
     from ldnbench.report.records import make_record
 
@@ -426,20 +439,23 @@ def memory_record(result: MemoryResult, command: list[str] | None = None) -> dic
     rows = [{"model": cfg.model, "size": f"{cfg.crop}x{cfg.crop}", "batch_size": cfg.batch_size, **asdict(r)}
             for r in result.rows]
     return make_record("bench-memory", model=cfg.model, model_options=cfg.model_options, device=cfg.device,
-                       metrics=result.summary(), command=command, config=asdict(cfg), rows=rows)
+                       metrics=result.summary(), command=command, run_id=run_id, config=asdict(cfg), rows=rows)
 
 
 def format_memory_table(result: MemoryResult) -> str:
+    """Human table; 'vs none' columns are relative to the ``none`` row when it was measured."""
     base = next((r for r in result.rows if r.policy == "none" and r.peak_mb), None)
-    lines = [f"{'policy':<24} {'peak MB':>9} {'vs none':>8} {'images/s':>9} {'vs none':>8} {'max batch':>9}"]
+    lines = [f"{'policy':<24} {'peak MB':>9} {'vs none':>8} {'images/s':>9} {'vs none':>8} {'CPU s/step':>10} "
+             f"{'max batch':>9}"]
     for r in result.rows:
         if r.error:
             lines.append(f"{r.policy:<24} {'failed: ' + r.error}")
             continue
         mem_x = f"{base.peak_mb / r.peak_mb:.2f}x" if base and r.peak_mb else "-"
         spd = f"{r.images_per_s / base.images_per_s:.0%}" if base and r.images_per_s and base.images_per_s else "-"
+        cpu = f"{statistics.median(r.cpu_s):.1f}" if r.cpu_s else "-"
         mb = "-" if r.max_batch is None else str(r.max_batch)
-        lines.append(f"{r.policy:<24} {r.peak_mb:>9.0f} {mem_x:>8} {r.images_per_s:>9.3f} {spd:>8} {mb:>9}")
+        lines.append(f"{r.policy:<24} {r.peak_mb:>9.0f} {mem_x:>8} {r.images_per_s:>9.3f} {spd:>8} {cpu:>10} {mb:>9}")
     notes = {r.max_batch_note for r in result.rows if r.max_batch_note}
     lines += [f"max batch: {n}" for n in sorted(notes)]
     if result.rows and result.rows[0].method:
@@ -473,6 +489,8 @@ class SpeedConfig:
     runs: int = 5
     warmup: int = 1
     model_options: dict[str, Any] = field(default_factory=dict)
+    #: Fold every BatchNorm that only reads a convolution's output into that convolution (all models).
+    fold_bn: bool = True
     threads: int | None = None
     seed: int = 0
 
@@ -492,6 +510,7 @@ class SpeedRow:
     relative_latency: float | None = None
     params_m: float | None = None
     latencies_ms: list[float] = field(default_factory=list)
+    folded_bn: int = 0
 
     def json_row(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SPEED_JSON_KEYS}
@@ -560,11 +579,14 @@ def _quantile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _prepare(model: nn.Module, cfg: SpeedConfig, device: str) -> nn.Module:
+def _prepare(model: nn.Module, cfg: SpeedConfig, device: str) -> tuple[nn.Module, int]:
     model = model.to(device).eval()
+    folded = 0
+    if cfg.fold_bn:
+        model, folded = fold_batchnorm(model, torch.randn(1, 3, 128, 128, device=device))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return model, folded
 
 
 def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: float | None) -> SpeedRow:
@@ -614,8 +636,9 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
             progress(f"{name}: {cfg.warmup} warm-up + {cfg.runs} timed forwards of "
                      f"{cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]} on {device} ...")
         gmac = image_gmac(make, *cfg.size)
-        net = _prepare(make(), cfg, device)
+        net, folded = _prepare(make(), cfg, device)
         rows.append(speed_row(name, net, cfg, device, gmac))
+        rows[-1].folded_bn = folded
         del net
         gc.collect()
     ref = rows[0].latency_ms_median
@@ -650,9 +673,94 @@ def format_speed_table(result: SpeedResult) -> str:
     cfg = result.config
     lines.append(f"input {cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]}, {cfg.device}, "
                  f"{'bf16/fp16 autocast' if cfg.amp else 'fp32'}, "
+                 f"{'BN folded into convs' if cfg.fold_bn else 'BN not folded'}, "
                  f"{'channels-last' if cfg.channels_last else 'NCHW'}, {torch.get_num_threads()} threads; "
                  f"GMAC per image; 'x slower' = median latency / {result.rows[0].model}'s")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# eval-time BatchNorm folding
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+class _UseCounter(TorchDispatchMode):
+    """Counts, per tensor storage, how many aten ops read it.
+
+    Every result is kept alive until the probe ends, so that no address is reused by another tensor.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.uses: dict[int, int] = {}
+        self.keep: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(a, torch.Tensor):
+                ptr = a.untyped_storage().data_ptr()
+                self.uses[ptr] = self.uses.get(ptr, 0) + 1
+        out = func(*args, **(kwargs or {}))
+        self.keep.append(out)
+        return out
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-3) -> tuple[nn.Module, int]:
+    """An eval-only copy of ``model`` in which every BatchNorm whose input is the output of a Conv2d,
+    read by nothing else, is folded into that convolution (weights scaled, bias added); returns
+    (copy, number of folded BatchNorms).
+
+    Pairs are found by running ``example`` once and watching the tensors (so it works for any
+    architecture: the LDN's 1x1 bottleneck → BN of the 3x3 unit, torchvision's conv → bn). Pre-activation
+    BNs that read concatenations or sums stay. The copy's output is checked against the original on
+    ``example``.
+    """
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    calls: dict[nn.Module, list] = {}
+
+    def hook(mod, inp, out):
+        calls.setdefault(mod, []).append((_storage_key(inp[0]), _storage_key(out)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    counter = _UseCounter()
+    try:
+        with torch.inference_mode(), counter:
+            reference = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    conv_by_out = {c[0][1]: m for m, c in calls.items() if isinstance(m, nn.Conv2d) and len(c) == 1}
+    parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    folded = 0
+    for bn, c in calls.items():
+        if not isinstance(bn, nn.BatchNorm2d) or len(c) != 1 or bn.running_var is None:
+            continue
+        conv = conv_by_out.get(c[0][0])
+        if conv is None or counter.uses.get(c[0][0][0], 0) != 1 or id(bn) not in parents:
+            continue
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+                1 / torch.sqrt(bn.running_var + bn.eps)
+            shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bias.detach().clone())
+        parent, name = parents[id(bn)]
+        setattr(parent, name, nn.Identity())
+        folded += 1
+    counter.keep.clear()
+    with torch.inference_mode():
+        out = model(example)
+    ref, got = (reference["out"], out["out"]) if isinstance(reference, dict) else (reference, out)
+    err = (ref - got).abs().max().item()
+    if not err <= atol * max(1.0, ref.abs().max().item()):
+        raise RuntimeError(f"BatchNorm folding changed the output by {err:.3g}; run without folding")
+    return model, folded
 
 
 # ------------------------------------------------------------------------------------------------

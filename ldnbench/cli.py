@@ -412,7 +412,8 @@ def bench() -> None:
     """Training-memory and inference-speed benchmarks (paper Tables 4, 11, 12)."""
 
 
-def _bench_outputs(record: dict, rows: list[dict], out: str | None, json_out: str | None) -> None:
+def _bench_outputs(record: dict, rows: list[dict], out: str | None, json_out: str | None,
+                   quiet: bool = False) -> None:
     from pathlib import Path
 
     from ldnbench.fileio import atomic_write_json
@@ -420,10 +421,10 @@ def _bench_outputs(record: dict, rows: list[dict], out: str | None, json_out: st
 
     path = Path(out) if out else Path("results") / "bench" / f"{record['run_id']}.json"
     write_record(path, record)
-    click.echo(f"record: {path}")
     if json_out:
         atomic_write_json(json_out, rows)
-        click.echo(f"json: {json_out}")
+    if not quiet:
+        click.echo(f"record: {path}" + (f"\njson: {json_out}" if json_out else ""))
 
 
 @bench.command("memory")
@@ -440,21 +441,34 @@ def _bench_outputs(record: dict, rows: list[dict], out: str | None, json_out: st
 @click.option("--find-max-batch", is_flag=True, help="CUDA: also search the largest batch that fits.")
 @click.option("--num-classes", type=int, default=19, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads in each worker (default: torch's).")
+@click.option("--mmap-threshold", type=click.IntRange(min=0), default=2**20, show_default=True,
+              help="CPU: glibc MALLOC_MMAP_THRESHOLD_ (bytes) of the workers, so freed tensors leave RSS; "
+                   "0 keeps glibc's dynamic default.")
 @click.option("--json", "json_out", default=None, metavar="OUT",
               help="Also write the rows [{policy, peak_mb, images_per_s, max_batch}] to OUT.")
 @click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
 def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps, warmup, find_max_batch,
-                     num_classes, threads, json_out, out):
+                     num_classes, threads, mmap_threshold, json_out, out):
     """Peak training memory and images/s per checkpointing policy, each in a fresh process."""
     from ldnbench import bench as B
 
     cfg = B.MemoryConfig(model=B.resolve_bench_model(model, down, up), num_classes=num_classes, crop=crop,
                          batch_size=batch_size, steps=steps, warmup=warmup, device=device,
-                         find_max_batch=find_max_batch, threads=threads)
-    result = B.bench_memory(cfg, policies, progress=lambda m: click.echo(m, err=True))
+                         find_max_batch=find_max_batch, threads=threads,
+                         malloc_mmap_threshold=mmap_threshold or None)
+    run_id = None
+
+    def save(partial):  # after every policy: an interrupted long run keeps what it measured
+        nonlocal run_id
+        rec = B.memory_record(partial, command=sys.argv, run_id=run_id)
+        run_id = rec["run_id"]
+        _bench_outputs(rec, [r.json_row() for r in partial.rows], out, json_out, quiet=True)
+
+    result = B.bench_memory(cfg, policies, progress=lambda m: click.echo(m, err=True), on_row=save)
     click.echo(f"{cfg.model}: training memory at {crop}x{crop}, batch {batch_size}, {device}")
     click.echo(B.format_memory_table(result))
-    _bench_outputs(B.memory_record(result, command=sys.argv), [r.json_row() for r in result.rows], out, json_out)
+    _bench_outputs(B.memory_record(result, command=sys.argv, run_id=run_id), [r.json_row() for r in result.rows],
+                   out, json_out)
     if any(r.error for r in result.rows):
         raise UserError("some policies failed (see the table); the others were recorded.", 1)
 

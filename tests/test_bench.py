@@ -118,3 +118,35 @@ def test_speed_rows_and_json_schema(cli_runner, tmp_path):
     assert rec["kind"] == "bench-speed" and len(rec["rows"]) == 2 and len(rec["rows"][0]["latencies_ms"]) == 2
     assert "speedup_vs_lraspp_mobilenet_v3_large" in rec["metrics"]
 
+
+
+def test_fold_batchnorm_keeps_outputs_and_folds_only_conv_fed_bns():
+    from torch import nn
+
+    from ldnbench.models import build_model
+    from ldnbench.models.densenet import DenseLayer
+    from ldnbench.models.layers import TransitionUp
+
+    torch.manual_seed(0)
+    model = build_model("ldn121-64to4", 19)
+    for m in model.modules():  # non-trivial statistics, so that a wrong fold shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded, n = B.fold_batchnorm(model, torch.randn(1, 3, 128, 128))
+    # Foldable: the BN after each unit's 1x1 bottleneck, and the BN of each TU blend after its 1x1.
+    # Pre-activation BNs reading concatenations, sums or pooled tensors must stay.
+    expected = sum(isinstance(m, DenseLayer) and m.has_bottleneck for m in model.modules()) + \
+        sum(isinstance(m, TransitionUp) and m.bt is not None for m in model.modules())
+    assert n == expected > 50
+    assert all(isinstance(m.norm1, nn.BatchNorm2d) for m in folded.modules()
+               if isinstance(m, DenseLayer) and m.has_bottleneck)
+    x = torch.randn(1, 3, 96, 160)  # another size than the probe
+    with torch.inference_mode():
+        ref, got = model(x), folded(x)
+    assert torch.allclose(ref, got, atol=1e-3 * ref.abs().max().item())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # the original is untouched
