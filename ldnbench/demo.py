@@ -120,7 +120,7 @@ def run_demo(out: str | Path = "demo", budget: str = "small", device: str = "cpu
     n_train = b.n - max(1, round(0.2 * b.n))
     epochs = max(1, math.ceil(b.iters * b.batch_size / n_train))
     train_options = {"epochs": epochs, "max_iters": b.iters, "crop": b.crop, "batch_size": b.batch_size, "lr": b.lr,
-                     "pretrained": "none", "workers": 0, "progress": False, "model_options": dict(b.model_options)}
+                     "pretrained": "none", "workers": 0, "progress": False, "ckpt": "none", "model_options": dict(b.model_options)}
     cross = run_cross(CrossConfig(train=TRAIN_SETS, eval=EVAL_SETS, model=b.model, roots=roots,
                                   results=out / "results", eval_limit=b.eval_limit, device=device,
                                   train_options=train_options), progress=progress)

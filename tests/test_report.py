@@ -167,3 +167,19 @@ def test_build_tables_groups(tmp_path):
     assert set(build_tables(c, "model")) == {"ldn121-64to4", "lrn50-32to4", "my_net_co-100_"}
     assert set(build_tables(c, "none")) == {"leaderboard"}
     assert "tabular" in to_latex(build_tables(c, "none")["leaderboard"])
+
+
+def test_custom_model_options_are_marked_and_not_mixed(tmp_path):
+    write_record(tmp_path / "full.json", make_record("train", model="ldn121-64to4", dataset="cityscapes",
+                                                     metrics={"miou": 0.7}, complexity={"params": 9.5e6}))
+    write_record(tmp_path / "narrow.json", make_record("eval", model="ldn121-64to4", dataset="cityscapes",
+                                                       model_options={"growth_rate": 8}, metrics={"miou": 0.3}))
+    write_record(tmp_path / "narrow_train.json", make_record("train", model="ldn121-64to4", dataset="cityscapes",
+                                                             model_options={"growth_rate": 8},
+                                                             complexity={"params": 35000}))
+    rows = collect(tmp_path).rows.set_index("miou_pct")
+    assert rows.loc[70.0, "params_m"] == 9.5 and pd.isna(rows.loc[70.0, "variant"])
+    assert rows.loc[30.0, "params_m"] == pytest.approx(0.035) and rows.loc[30.0, "variant"] == "custom"
+    assert "growth_rate=8" in rows.loc[30.0, "notes"]
+    md = to_latex(build_tables(collect(tmp_path), "none")["leaderboard"])
+    assert "0.035" in md

@@ -7,6 +7,7 @@ default), with the paper's published rows beside the user's own, marked ``publis
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -138,6 +139,12 @@ def _problem(rec: dict) -> str | None:
     return None
 
 
+def _model_key(rec: dict) -> tuple[str, str]:
+    """A model is its name plus its build options (a narrow ``ldn121-64to4`` is another model)."""
+    opts = rec.get("model_options") if isinstance(rec.get("model_options"), dict) else {}
+    return str(rec.get("model") or ""), json.dumps(opts, sort_keys=True, default=str)
+
+
 def record_row(rec: dict) -> dict[str, Any]:
     """One leaderboard row (``ROW_COLUMNS``) of an accuracy record."""
     metrics = rec.get("metrics") or {}
@@ -152,6 +159,10 @@ def record_row(rec: dict) -> dict[str, Any]:
         "commit": env.get("git_commit"), "date": str(rec.get("timestamp") or "")[:10] or None,
         "table": None, "notes": None,
     }
+    opts = rec.get("model_options") if isinstance(rec.get("model_options"), dict) else {}
+    if opts:  # not the paper's configuration: say so where people look
+        row["variant"] = " ".join(filter(None, [row["variant"], "custom"]))
+        row["notes"] = "model options: " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
     return row
 
 
@@ -175,9 +186,9 @@ def collect(results: str | Path = "results") -> Collected:
             bad.append(BadRecord(Path(rec.get("_path", "?")), why))
         else:
             good.append(rec)
-    stats: dict[str, dict[str, float]] = {}
+    stats: dict[tuple[str, str], dict[str, float]] = {}
     for rec in sorted(good, key=lambda r: str(r.get("timestamp") or "")):
-        s = stats.setdefault(rec.get("model") or "", {})
+        s = stats.setdefault(_model_key(rec), {})
         for key, fn in (("params_m", _params_m), ("gmac_1mpx", _gmac), ("ms", _ms)):
             v = fn(rec)
             if v is not None and (key != "ms" or rec.get("kind") == "bench-speed" or "ms" not in s):
@@ -187,7 +198,7 @@ def collect(results: str | Path = "results") -> Collected:
         if rec["kind"] in NON_ACCURACY_KINDS or _number((rec.get("metrics") or {}).get("miou")) is None:
             continue
         row = record_row(rec)
-        for key, v in stats.get(rec["model"], {}).items():
+        for key, v in stats.get(_model_key(rec), {}).items():
             if row[key] is None:
                 row[key] = v
         rows.append(row)
@@ -268,6 +279,14 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
+def _fmt(v: Any, key: str) -> str:
+    if pd.isna(v):
+        return ""
+    if key == "params_m" and abs(v) < 1:
+        return f"{v:.2g}"  # a small custom model must not read as 0.0 M
+    return f"{v:.2f}" if key == "ms" else f"{v:.1f}"
+
+
 def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The people-facing table: percent with one decimal, empty optional columns dropped."""
     src = df.apply(lambda r: f"published (T{r['table']})" if r["source"] == "published"
@@ -276,8 +295,7 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     for key, header in DISPLAY.items():
         col = src if key == "source" else df[key]
         if key in NUMERIC:
-            digits = 2 if key == "ms" else 1
-            col = col.map(lambda v, d=digits: "" if pd.isna(v) else f"{v:.{d}f}")
+            col = col.map(lambda v, k=key: _fmt(v, k))
         else:
             col = col.map(lambda v: "" if v is None or pd.isna(v) else str(v))
         if key in ("variant", "iiou_pct", "cat_iou_pct", "ms", "train_dataset") and not col.astype(bool).any():

@@ -254,7 +254,8 @@ class _Study:
             mapping = get_mapping(get_label_space(src), dst)
         evaluate_fn = self.evaluate_fn or default_evaluate(self.cfg.device)
         metrics = evaluate_fn(model, dataset, mapping)
-        rec = make_record("cross-cell", model=self.model, dataset=ev, root=self.root(ev), split=self.cfg.eval_split,
+        rec = make_record("cross-cell", model=self.model, model_options=self.cfg.train_options.get("model_options"),
+                          dataset=ev, root=self.root(ev), split=self.cfg.eval_split,
                           metrics=metrics, device=self.cfg.device, train_dataset=train, train_hash=h,
                           checkpoint=str(ckpt), eval_limit=self.cfg.eval_limit,
                           label_mapping=None if mapping is None else f"{mapping.src}->{mapping.dst}")
