@@ -475,6 +475,15 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UserError(f"scale range {cfg.scale} must satisfy 0 < min <= max", 2)
 
 
+def _check_out(cfg: TrainConfig) -> None:
+    last = cfg.out_dir() / "last.pt"
+    if last.exists() and not cfg.resume:
+        raise UserError(f"{cfg.out_dir()} already holds a run (last.pt); pass --resume to continue it or choose "
+                        f"another --out", 2)
+    if cfg.resume and not last.exists():
+        raise UserError(f"--resume: no checkpoint {last}; start without --resume", 1)
+
+
 def _open_datasets(cfg: TrainConfig, train_set, val_set):
     from ldnbench.data.registry import DATASETS, default_root, get_dataset
 
@@ -600,11 +609,7 @@ class _Run:
         self.out = cfg.out_dir()
         self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
         self.record_path = self.out / "result.json"
-        if self.last_path.exists() and not cfg.resume:
-            raise UserError(f"{self.out} already holds a run (last.pt); pass --resume to continue it or choose "
-                            f"another --out", 2)
-        if cfg.resume and not self.last_path.exists():
-            raise UserError(f"--resume: no checkpoint {self.last_path}; start without --resume", 1)
+        _check_out(cfg)
         self.train_set, self.val_set = _open_datasets(cfg, train_set, val_set)
         self.label_space = self.train_set.label_space
         self.crop = cfg.crop or self.train_set.crop_size
@@ -795,7 +800,8 @@ class _Run:
                     raise TrainingDiverged(
                         f"the loss is {value} at iteration {self.iteration + 1} (epoch {self.epoch + 1}); stopped. "
                         f"The last good checkpoint is {self.last_path} (from iteration "
-                        f"{self._last_saved_iteration()}); resume it with --resume, e.g. with a lower --lr or without --amp", 1)
+                        f"{self._last_saved_iteration()}); start a new run (another --out, or --init from it) "
+                        f"with a lower --lr or without --amp", 1)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -897,6 +903,11 @@ def launch(config: TrainConfig, nproc: int, extra_torchrun_args: list[str] | Non
     """Run ``train(config)`` in ``nproc`` local processes via ``torch.distributed.run``; returns its exit code."""
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}", 2)
+    # Catch what can be caught here, before N processes each print the same error.
+    _check_config(config)
+    _check_out(config)
+    if config.batch_size % nproc:
+        raise UserError(f"batch size {config.batch_size} is not divisible by the {nproc} processes", 2)
     out = config.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "launch-config.json"

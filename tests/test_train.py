@@ -249,6 +249,7 @@ def test_ddp_two_gloo_processes_follow_the_single_process_loss_curve(cs_root, tm
     (["--amp", "fp16", "--device", "cpu"], 2, "fp16 mixed precision needs CUDA"),
     (["--resume"], 1, "no checkpoint"),
     (["--batch-size", "0"], 2, "--batch-size must be at least 1"),
+    (["--nproc", "3"], 2, "batch size 16 is not divisible by the 3 processes"),
 ])
 def test_bad_options_give_one_line_errors(cs_root, tmp_path, cli_runner, args, code, message):
     from ldnbench.cli import main
