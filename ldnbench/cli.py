@@ -287,6 +287,8 @@ def train_cmd(model, dataset, root, split, val_split, epochs, batch_size, crop, 
     if nproc is not None:
         sys.exit(launch(config, nproc))
     result = train(config)
+    if result.rank != 0:
+        return
     click.echo(f"run record: {result.record_path}")
     click.echo(f"checkpoints: {result.last_checkpoint}" + (f", {result.best_checkpoint}" if result.best_checkpoint else ""))
     if result.final_metrics and result.final_metrics.get("miou") is not None:

@@ -132,6 +132,7 @@ class TrainResult:
     final_metrics: dict[str, Any] | None
     best_miou: float | None
     history: list[dict[str, Any]]
+    rank: int = 0  #: this process's rank under torchrun (only rank 0 wrote the files)
 
 
 class TrainingDiverged(UserError):
@@ -770,7 +771,7 @@ class _Run:
             self._log(f"final: mIoU {_pct(self.final_metrics.get('miou'))} on {cfg.dataset}/{cfg.val_split}")
         return TrainResult(self.out, self.record_path, self.last_path,
                            self.best_path if self.best else None, self.epoch, self.iteration, self.final_metrics,
-                           self.best["miou"] if self.best else None, self.history)
+                           self.best["miou"] if self.best else None, self.history, self.d.rank)
 
     def _train_epoch(self, loader) -> None:
         from tqdm import tqdm
