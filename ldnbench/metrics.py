@@ -199,8 +199,7 @@ class SegMetrics:
 
     # ---------------------------------------------------------------- update
     def _build_luts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables over ``gt*256+pred``: confusion cell (sentinel for invalid pairs), and the same
-        with the instance flag in the high bits.
+        """Tables over ``gt*256+pred``: confusion cell (sentinel for invalid pairs) and instance flag.
 
         Instance flag: 0 = ground truth is not an instance class; for instance class of rank r,
         ``3r+1`` wrong category, ``3r+2`` right category only, ``3r+3`` right class.
@@ -230,10 +229,9 @@ class SegMetrics:
                 flag[c, cat_of_pred == self.space.class_category[c]] = 3 * r + 2
             flag[c, (code == c) & (pred_col >= 0)] = 3 * r + 3
         self._invalid_pred = torch.from_numpy(pred_col < 0)
-        # one table serves both: low 16 bits = confusion cell, high bits = instance flag
-        combo = cell.reshape(-1) | (flag.reshape(-1) << 16)
-        luts = (torch.from_numpy(cell.reshape(-1).astype(np.int32)).to(device),
-                torch.from_numpy(combo.astype(np.int32)).to(device))
+        flag_dtype = np.uint8 if 3 * len(self._inst_classes) + 1 < 256 else np.int32
+        luts = (torch.from_numpy(cell.reshape(-1)).to(device),
+                torch.from_numpy(flag.reshape(-1).astype(flag_dtype)).to(device))
         self._luts[device] = luts
         return luts
 
@@ -249,6 +247,8 @@ class SegMetrics:
             raise TypeError(f"{name} must be a torch tensor or numpy array, not {type(x).__name__}")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise UserError(f"{name} must hold integer class indices, not {t.dtype}")
+        if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few ops support these (16-bit PNGs)
+            t = t.to(torch.int64)
         return t.to(device) if device is not None else t
 
     def _check_range(self, t: torch.Tensor, name: str, allowed: str) -> torch.Tensor:
@@ -286,29 +286,25 @@ class SegMetrics:
                                 f"{tuple(target.shape)}")
             inst = inst.reshape(n_img, target.shape[-2], target.shape[-1])
             if inst.numel():
-                # per-row extremes: the negative check, the largest id, and the band of rows with objects
-                row_min, row_max = torch.aminmax(inst, dim=2)
-                if row_min.min() < 0:
+                if inst.dtype.is_signed and inst.min() < 0:
                     raise UserError("instance maps must not hold negative ids (0 = no instance)")
+                row_max = inst.amax(dim=2)  # the largest id, and the band of rows that holds objects
                 inst_max = int(row_max.max())
         self._to(dev)
-        cell_lut, combo_lut = self._build_luts(dev)
-        # gt*256+pred as int32, then one gather gives the confusion cell (and instance flag) of every pixel
+        cell_lut, flag_lut = self._build_luts(dev)
+        # gt*256+pred for every pixel; its histogram (64K bins, cache-resident) folds into the
+        # confusion matrix through the cell table, so no per-pixel gather is needed for it
         code = torch.add(p, g.to(torch.int32), alpha=256)  # out of place: never touch the caller's data
-        if inst is None:
-            cells = cell_lut.index_select(0, code)
-        else:
-            combo = combo_lut.index_select(0, code)
-            cells = combo.bitwise_and(0xFFFF)
-        counts = torch.bincount(cells, minlength=(k + 1) * self._cols + 1)
+        hist = torch.bincount(code, minlength=1 << 16)
+        counts = torch.zeros((k + 1) * self._cols + 1, dtype=torch.int64, device=dev).index_add_(0, cell_lut, hist)
         if counts[-1] > 0:
             self._raise_invalid(g, p, valid_pred)
         self.confusion += counts[:-1].view(k + 1, self._cols)
         self.num_images += n_img
         if self._inst_classes and inst is None:
             self.images_without_instances += n_img
-        if inst is not None:
-            self._update_instances(inst, combo.bitwise_right_shift_(16).view(inst.shape), row_max, inst_max)
+        if inst is not None and inst_max > 0:
+            self._update_instances(inst, flag_lut.index_select(0, code).view(inst.shape), row_max, inst_max)
 
     def _raise_invalid(self, g: torch.Tensor, p: torch.Tensor, valid_pred: str) -> None:
         k = self.num_classes
@@ -341,7 +337,7 @@ class SegMetrics:
                     ids = ids + 1
                 hi = int(ids.max())
             n = hi + 1
-            v = flag_b.add(ids.to(flags.dtype), alpha=f)  # (instance, flag) bin of every pixel
+            v = torch.add(flag_b, ids.to(torch.int32), alpha=f)  # (instance, flag) bin of every pixel
             hist = torch.bincount(v, minlength=n * f)
             # few instances among many possible ids: continue with the non-empty bins only
             bins = hist.nonzero().squeeze(1)

@@ -166,3 +166,12 @@ def test_bad_instances_leave_the_state_untouched():
     with pytest.raises(UserError, match="instance map shape"):
         m.update(gt, gt, np.zeros((4, 5), np.int32))
     assert m.compute().num_images == 0 and m.compute().confusion.sum() == 0
+
+
+def test_unsigned_16bit_tensors_are_accepted():
+    """torchvision decodes 16-bit PNGs (Cityscapes instanceIds) to uint16 tensors."""
+    pred, gt, inst = _random(4, n=1)
+    a, b = SegMetrics(get_label_space("cityscapes19")), SegMetrics(get_label_space("cityscapes19"))
+    a.update(pred, gt, inst)
+    b.update(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(inst.astype(np.uint16)))
+    assert b.compute().class_iiou == pytest.approx(a.compute().class_iiou, nan_ok=True)
