@@ -165,7 +165,7 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu", 2)
     ds = get_dataset(dataset, root, split)
-    model, space = load_eval_model(checkpoint, model_name, label_space or ds.label_space.name)
+    model, space, model_options = load_eval_model(checkpoint, model_name, label_space or ds.label_space.name)
     mapping = None if space in (None, ds.label_space.name) else get_mapping(space, ds.label_space)
     scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
     created = init_distributed(device)
@@ -182,8 +182,8 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
             rank = 0
     if rank != 0:
         return
-    rec = res.to_record(model=model.name, dataset=dataset, root=ds.root, split=split, checkpoint=str(checkpoint),
-                        model_label_space=space or ds.label_space.name)
+    rec = res.to_record(model=model.name, model_options=model_options, dataset=dataset, root=ds.root, split=split,
+                        checkpoint=str(checkpoint), model_label_space=space or ds.label_space.name)
     path = Path(out) if out else Path("results") / "eval"
     if path.suffix != ".json":
         path = path / f"{model.name}-{dataset}-{split}-{rec['run_id']}.json"

@@ -174,8 +174,9 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
 
 # ------------------------------------------------------------------ checkpoints and torchrun
 def load_eval_model(checkpoint: str | Path, model_name: str | None = None,
-                    label_space: str | None = None) -> tuple[nn.Module, str | None]:
-    """(model in eval mode, its label space name or None) from a trainer checkpoint or a bare state dict.
+                    label_space: str | None = None) -> tuple[nn.Module, str | None, dict[str, Any]]:
+    """(model in eval mode, its label space name or None, its model options) from a trainer
+    checkpoint or a bare state dict.
 
     Trainer checkpoints (``{"model": state_dict, "model_name", "num_classes", "label_space", ...}``)
     describe themselves; a bare state dict needs ``model_name`` and ``label_space`` and is tried in
@@ -189,13 +190,16 @@ def load_eval_model(checkpoint: str | Path, model_name: str | None = None,
     num_classes = ck.get("num_classes") or (get_label_space(space).num_classes if space else None)
     if not num_classes:
         raise UserError(f"checkpoint {checkpoint} does not say which classes it predicts; pass --label-space", 2)
+    config = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+    options = dict(config.get("model_options") or {})
     try:
         model = load_trained_model(model_name, checkpoint, num_classes)
     except UserError:
         if "config" in ck or "model_name" in ck:
             raise
         model = load_trained_model(model_name, checkpoint, num_classes, imagenet_compatible=True)
-    return model, space
+        options["imagenet_compatible"] = True
+    return model, space, options
 
 
 def init_distributed(device: str | torch.device = "cpu") -> bool:

@@ -58,6 +58,7 @@ def test_cli_eval_prints_table_and_writes_record(setup, cli_runner):
     assert "road" in r.output and "mean" in r.output and "vehicle" in r.output
     rec = json.loads(out.read_text())
     assert rec["kind"] == "eval" and rec["model"] == MODEL and rec["dataset"] == "cityscapes"
+    assert rec["model_options"]["growth_rate"] == 8 and rec["checkpoint"] == str(ck)
     assert rec["metrics"]["num_images"] == 2 and rec["eval_settings"]["scales"] == [1.0]
     ref = evaluate(model, get_dataset("cityscapes", tmp / "cs", "val"), progress=False)
     assert rec["metrics"] == json.loads(json.dumps(ref.metrics.to_dict()))
@@ -102,7 +103,7 @@ def test_bare_state_dict_of_an_imagenet_finetuned_model_loads(tmp_path):
     for compat in (True,):
         model = build_model(MODEL, 19, imagenet_compatible=compat, checkpointing="none")
         torch.save(model.state_dict(), tmp_path / "bare.pt")
-        loaded, space = load_eval_model(tmp_path / "bare.pt", MODEL, "cityscapes19")
-        assert space == "cityscapes19" and not loaded.training
+        loaded, space, options = load_eval_model(tmp_path / "bare.pt", MODEL, "cityscapes19")
+        assert space == "cityscapes19" and not loaded.training and options == {"imagenet_compatible": True}
         key = next(iter(model.state_dict()))
         assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
