@@ -7,7 +7,6 @@ matches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +67,11 @@ def require_paired(dataset: str, unpaired: list[Path], strict: bool) -> None:
                         f"restore or remove them (`ldnbench datasets check {dataset}` lists all)")
 
 
-def lut(mapping: dict[int, int] | Callable[[int], int | None], size: int = 256) -> np.ndarray:
+def lut(mapping: dict[int, int], size: int = 256) -> np.ndarray:
     """A remap table: ``table[raw] = class index`` (255 = ignore); -1 marks raw values that must not occur."""
     table = np.full(size, -1, np.int16)
-    items = mapping.items() if isinstance(mapping, dict) else ((v, mapping(v)) for v in range(size))
-    for raw, out in items:
-        if out is not None:
-            table[raw] = out
+    for raw, out in mapping.items():
+        table[raw] = out
     return table
 
 
