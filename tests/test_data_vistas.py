@@ -78,3 +78,14 @@ def test_bad_roots(tmp_path):
     (tmp_path / "config_v1.2.json").write_text("{broken")
     with pytest.raises(UserError, match="cannot read Vistas config"):
         get_dataset("vistas", root=tmp_path)
+
+
+def test_auto_version_follows_the_unpacked_labels(tmp_path):
+    write_vistas_config(tmp_path, VISTAS_V12_LABELS, "v1.2")   # both configs ship in the 2021 zip ...
+    write_vistas_config(tmp_path, VISTAS_V12_LABELS, "v2.0")
+    lab, inst = _target()                                      # ... but only v2.0 labels are unpacked
+    write_vistas(tmp_path, "training", "z" * 22, np.zeros((H, W, 3), np.uint8), lab, inst, PALETTE, "v2.0")
+    ds = get_dataset("vistas", root=tmp_path)
+    assert ds.version == "v2.0" and len(ds) == 1
+    with pytest.raises(UserError, match=r"training/v1.2/labels/\*\.png"):
+        get_dataset("vistas", root=tmp_path, version="v1.2")

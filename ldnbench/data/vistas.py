@@ -204,9 +204,12 @@ class Vistas(SegDataset):
             if version not in self.versions:
                 raise UserError(f"unknown Vistas version {version!r}; choose one of: {', '.join(self.versions)}", 2)
             candidates = [c for c in candidates if c[0] == version]
-        for c in candidates:
-            if c[1].is_file():
+        present = [c for c in candidates if c[1].is_file()]
+        for c in present:
+            if (c[2] / "labels").is_dir():  # e.g. only the v2.0 labels were unpacked
                 return c
+        if present:
+            return present[0]
         expected = " or ".join(str(c[1]) for c in candidates)
         raise UserError(f"no Vistas config found: expected {expected}, but {describe(self.root)}")
 
