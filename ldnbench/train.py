@@ -637,7 +637,6 @@ class _Run:
         self.autocast = _autocast_factory(self.amp, self.device)
         self.loss = SegLoss(self.label_space.num_classes, cfg.main_weight, cfg.aux_weight,
                             count_reduce=_global_mean_count if d.enabled else None)
-        self.per_rank = cfg.batch_size // d.world
         transform = TrainTransform(self.crop, cfg.scale, cfg.flip, cfg.pad)
         self.data = SeededTrainSet(self.train_set, transform, cfg.seed)
         self.sampler = EpochBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, d.rank, d.world)
