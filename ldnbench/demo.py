@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -147,6 +147,3 @@ def run_demo(out: str | Path = "demo", budget: str = "small", device: str = "cpu
     seconds["total"] = time.perf_counter() - t0
     return DemoResult(out, budget, seconds, cross.matrix, prune_csv, lb.files, cross.files)
 
-
-def budget_dict(name: str) -> dict[str, Any]:
-    return asdict(BUDGETS[name])
