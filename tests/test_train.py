@@ -103,7 +103,7 @@ def test_loss_decreases_and_run_files_are_complete(cs_root, tmp_path):
     from ldnbench.evaluate import evaluate, load_eval_model
     from ldnbench.data.registry import get_dataset
 
-    model, space = load_eval_model(res.last_checkpoint)
+    model, space, *_ = load_eval_model(res.last_checkpoint)
     assert space == "cityscapes19"
     again = evaluate(model, get_dataset("cityscapes", cs_root, "val"), progress=False).metrics.to_dict()
     assert again["miou"] == pytest.approx(res.final_metrics["miou"])
