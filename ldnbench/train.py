@@ -2,8 +2,8 @@
 
 ``train(TrainConfig(...))`` runs in one process, or in every process of a ``torchrun`` launch:
 the process group is created from torchrun's environment, each process trains on its slice of
-every global batch under DistributedDataParallel with synchronised BatchNorm (torch's SyncBatchNorm
-on CUDA, :func:`convert_sync_batchnorm_cpu` on CPU/gloo), and only rank 0 writes files. ``launch(config, nproc)`` starts such a run on this machine.
+every global batch under DistributedDataParallel with synchronised BatchNorm
+(:func:`convert_sync_batchnorm`, CPU/gloo and CUDA/NCCL), and only rank 0 writes files. ``launch(config, nproc)`` starts such a run on this machine.
 
 Determinism and resumption: the sample order of epoch ``e`` is a permutation seeded by
 ``(seed, e)`` and the augmentation of sample ``i`` in epoch ``e`` uses a generator seeded by
@@ -267,6 +267,8 @@ def _setup_distributed(device: str) -> _Dist:
     if world <= 1:
         return _Dist()
     use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), created=True)
 
@@ -313,8 +315,8 @@ class _SyncBNFunction(torch.autograd.Function):
 def _sync_bn_class():
     from ldnbench.models.layers import BatchNorm2d
 
-    class GlooSyncBatchNorm(BatchNorm2d):
-        """Synchronised BatchNorm for CPU process groups (torch's SyncBatchNorm is GPU-only).
+    class SyncBatchNorm2d(BatchNorm2d):
+        """Synchronised BatchNorm for any backend (gloo/CPU too) that keeps ``update_stats``.
 
         In training under an initialised process group the batch statistics are all-reduced over
         all processes, so DDP on N processes normalises exactly like one process with the whole
@@ -341,11 +343,11 @@ def _sync_bn_class():
                 invstd = (var + self.eps).rsqrt().float()
             return _SyncBNFunction.apply(x, self.weight, self.bias, mean.float(), invstd, float(n))
 
-    return GlooSyncBatchNorm
+    return SyncBatchNorm2d
 
 
-def convert_sync_batchnorm_cpu(module: nn.Module) -> nn.Module:
-    """Replace every ``BatchNorm2d`` by a CPU-capable synchronised one (state dict keys unchanged)."""
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` by a synchronised one working on CPU and CUDA (same state dict keys)."""
     cls = _sync_bn_class()
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, cls) and child.affine:
@@ -355,7 +357,7 @@ def convert_sync_batchnorm_cpu(module: nn.Module) -> nn.Module:
             new.train(child.training)
             setattr(module, name, new)
         else:
-            convert_sync_batchnorm_cpu(child)
+            convert_sync_batchnorm(child)
     return module
 
 
@@ -622,10 +624,9 @@ class _Run:
         random.seed(_mix_seed(cfg.seed, d.rank, 3))
         self.net: nn.Module = self.model
         if d.enabled:
-            if self.device.type == "cuda":
-                self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
-            else:
-                self.net = convert_sync_batchnorm_cpu(self.net)
+            # Not torch's SyncBatchNorm: it is GPU-only, and it would replace the models' BatchNorm2d,
+            # whose running statistics must not be updated again when a checkpointed segment is recomputed.
+            self.net = convert_sync_batchnorm(self.net)
             self.model = self.net
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
