@@ -70,11 +70,15 @@ def _open(name: str, root: Path, split: str):
     return get_dataset(name, root=root, split=split, **opts)
 
 
-def _read(ds, i: int, with_image: bool) -> tuple[np.ndarray | None, list[str]]:
+def _read(ds, i: int) -> tuple[np.ndarray | None, list[str]]:
     """Label histogram (256 bins) of sample ``i`` and the problems found in its files."""
     problems = []
     f = ds.files[i]
-    if f.label is None:
+    if f.label is None:  # a split without ground truth: only the image can be checked
+        try:
+            ds.load_image(i)
+        except UserError as e:
+            problems.append(str(e))
         return None, problems
     try:
         label, _ = ds.load_target(i)
@@ -85,14 +89,13 @@ def _read(ds, i: int, with_image: bool) -> tuple[np.ndarray | None, list[str]]:
     if len(bad):
         problems.append(f"label file {f.label} has values {', '.join(map(str, bad[:8]))} outside "
                         f"{space.name} (0..{space.num_classes - 1}, {space.ignore_index} = ignore)")
-    if with_image:
-        try:
-            image = ds.load_image(i)
-            if image.shape[:2] != label.shape:
-                problems.append(f"image {f.image} is {image.shape[1]}x{image.shape[0]} but its label {f.label} "
-                                f"is {label.shape[1]}x{label.shape[0]}")
-        except UserError as e:
-            problems.append(str(e))
+    try:
+        image = ds.load_image(i)
+        if image.shape[:2] != label.shape:
+            problems.append(f"image {f.image} is {image.shape[1]}x{image.shape[0]} but its label {f.label} "
+                            f"is {label.shape[1]}x{label.shape[0]}")
+    except UserError as e:
+        problems.append(str(e))
     return np.bincount(label.ravel(), minlength=256), problems
 
 
@@ -131,7 +134,7 @@ def check_dataset(name: str, root: str | Path | None = None, split: str | None =
         idx = range(n) if full else sorted({int(round(x)) for x in np.linspace(0, n - 1, min(sample, n))})
         hist = np.zeros(256, np.int64)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            results = pool.map(lambda i: _read(ds, i, True), idx)
+            results = pool.map(lambda i: _read(ds, i), idx)
             for h, probs in tqdm(results, total=len(idx), desc=f"{name} {s}", disable=not progress, leave=False):
                 chk.problems += probs
                 if h is not None:
