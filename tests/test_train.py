@@ -236,6 +236,10 @@ def test_ddp_two_gloo_processes_follow_the_single_process_loss_curve(cs_root, tm
     a, b = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
     for k in a:
         torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-4)
+    # the moving averages of training (checkpointed segments recomputed, each BN updated once per step)
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True)["train_bn"] for run in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("args,code,message", [
