@@ -9,8 +9,8 @@ Peak memory is measured the same way for every policy:
 * CUDA: ``torch.cuda.max_memory_allocated()`` over the measured steps (it includes weights,
   gradients and optimizer state, like the paper's numbers).
 * CPU: the peak resident set size above the baseline RSS taken right before the first training
-  step (weights, input batch and allocator start-up are in the baseline; gradients, optimizer state
-  and activations are not). On Linux the kernel's high-water mark ``VmHWM`` is reset by writing
+  step (weights, input batch and the runtime are in the baseline, so the peak counts gradients,
+  optimizer state and activations). On Linux the kernel's high-water mark ``VmHWM`` is reset by writing
   ``5`` to ``/proc/self/clear_refs`` at the baseline and read after the last step, so short spikes
   are not missed as with RSS sampling. Without ``/proc`` the fallback is ``ru_maxrss``, which cannot
   be reset (the row's ``method`` says which was used).
@@ -22,7 +22,7 @@ Peak memory is measured the same way for every policy:
 
 ``bench_speed`` times inference (forward pass to logits at input resolution) with warm-up and
 device synchronisation, reports median and inter-quartile range, FPS and achieved GFLOP/s
-(2 × MACs counted by ``torch.utils.flop_counter`` on the same input), and runs torchvision
+(2 × the MACs of the zoo's counter, ``ldnbench.models.count_macs``), and runs torchvision
 segmentation models (random weights, nothing downloaded) in the same process for a ratio.
 """
 
@@ -33,6 +33,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -136,8 +137,6 @@ def resolve_bench_model(name: str, down: int | None = None, up: int | None = Non
     canonical = resolve_model_name(name)
     if down is None and up is None:
         return canonical
-    import re
-
     m = re.match(r"^(.*?)-(\d+)to(\d+)(.*)$", canonical)
     if not m:
         raise UserError(f"model {canonical!r} has no d→u variant; drop --down/--up.", 2)
@@ -386,7 +385,7 @@ class MemoryResult:
     rows: list[MemoryRow]
 
     def summary(self) -> dict[str, Any]:
-        """Reduction of peak memory and the speed kept, of every policy relative to ``none``."""
+        """Reduction of peak memory and the speed kept (images/s and CPU time), of every policy relative to ``none``."""
         base = next((r for r in self.rows if r.policy == "none" and r.peak_mb), None)
         out: dict[str, Any] = {}
         if base is None:
@@ -395,6 +394,9 @@ class MemoryResult:
             if r.policy != "none" and r.peak_mb and base.images_per_s and r.images_per_s:
                 out[r.policy] = {"memory_reduction": round(base.peak_mb / r.peak_mb, 3),
                                  "speed_ratio": round(r.images_per_s / base.images_per_s, 3)}
+                if base.cpu_s and r.cpu_s:  # the same ratio from CPU time: robust to other load
+                    out[r.policy]["cpu_speed_ratio"] = round(statistics.median(base.cpu_s)
+                                                             / statistics.median(r.cpu_s), 3)
         return out
 
 

@@ -46,6 +46,11 @@ def test_bad_names_and_sizes():
     with pytest.raises(UserError) as e:
         B.check_device("tpu")
     assert e.value.exit_code == 2
+    # --down/--up pick the d→u variant of the named model (paper Table 11 trains LDN121 32→4)
+    assert B.resolve_bench_model("ldn121", down=32) == "ldn121-32to4"
+    assert B.resolve_bench_model("ldn121-32to4") == "ldn121-32to4"
+    with pytest.raises(UserError):
+        B.resolve_bench_model("ldn121", down=32, up=3)
 
 
 def test_policy_names_match_the_model_zoo():
