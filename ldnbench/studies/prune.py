@@ -207,6 +207,8 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
     from ldnbench.report import figures as F
     from ldnbench.report.records import make_record, write_record
 
+    if model is None and cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
+        raise UserError(f"checkpoint {cfg.checkpoint} does not exist; pass the last.pt/best.pt of a training run")
     if dataset is None:
         dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
     if cfg.max_images is not None and cfg.max_images < len(dataset):
