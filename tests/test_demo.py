@@ -33,7 +33,7 @@ def test_demo_tiny_runs_every_step(tmp_path, cli_runner):
     assert len(prunes) == 2
     assert list(pd.read_csv(prunes[0])["fraction"]) == [0.0, 0.5, 1.0]
     # leaderboards + figures, no published rows beside synthetic numbers
-    lb = read_csv(out / "leaderboards" / "kitti.csv")
+    lb = read_csv(out / "leaderboards" / "synthetic-kitti.csv")
     assert len(lb) == 2 and set(lb["train_dataset"]) == {"vistas", "cityscapes"} and (lb["source"] == "ours").all()
     for fig in ("cross_matrix", "pruning_miou", "pruning_classes"):
         assert (out / "leaderboards" / f"{fig}.png").stat().st_size > 0

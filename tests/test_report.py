@@ -183,3 +183,16 @@ def test_custom_model_options_are_marked_and_not_mixed(tmp_path):
     assert "growth_rate=8" in rows.loc[30.0, "notes"]
     md = to_latex(build_tables(collect(tmp_path), "none")["leaderboard"])
     assert "0.035" in md
+
+
+def test_synthetic_roots_are_never_grouped_with_the_real_dataset(tmp_path):
+    from ldnbench.data.synthetic import MARKER
+
+    root = tmp_path / "synth" / "cityscapes"
+    root.mkdir(parents=True)
+    (root / MARKER).write_text("{}")
+    write_record(tmp_path / "res" / "a.json", make_record("eval", model="ldn121-64to4", dataset="cityscapes",
+                                                          root=root, metrics={"miou": 0.8}))
+    res = export(tmp_path / "res", tmp_path / "lb", "csv", figures=False)
+    assert list(res.tables) == ["synthetic-cityscapes"]
+    assert (res.tables["synthetic-cityscapes"]["source"] == "ours").all()  # no published rows beside it

@@ -139,6 +139,12 @@ def _problem(rec: dict) -> str | None:
     return None
 
 
+def _is_synthetic(root: Any) -> bool:
+    from ldnbench.data.synthetic import MARKER
+
+    return isinstance(root, str) and bool(root) and (Path(root) / MARKER).is_file()
+
+
 def _model_key(rec: dict) -> tuple[str, str]:
     """A model is its name plus its build options (a narrow ``ldn121-64to4`` is another model)."""
     opts = rec.get("model_options") if isinstance(rec.get("model_options"), dict) else {}
@@ -159,6 +165,8 @@ def record_row(rec: dict) -> dict[str, Any]:
         "commit": env.get("git_commit"), "date": str(rec.get("timestamp") or "")[:10] or None,
         "table": None, "notes": None,
     }
+    if _is_synthetic(rec.get("root")):  # never group synthetic scenes with the real dataset (or the paper)
+        row["dataset"] = f"synthetic-{row['dataset']}"
     opts = rec.get("model_options") if isinstance(rec.get("model_options"), dict) else {}
     if opts:  # not the paper's configuration: say so where people look
         row["variant"] = " ".join(filter(None, [row["variant"], "custom"]))
