@@ -184,4 +184,6 @@ def list_datasets() -> str:
         rows.append((name, getattr(cls, "label_space_name", "?"), ",".join(cls.splits),
                      f"{default_root(name)}/", cls.layout))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+    return (table + "\n\nNo dataset at hand: `ldnbench synth` writes synthetic cityscapes, vistas and kitti trees to "
+            "datasets/synthetic/<name> (use --root datasets/synthetic/<name>).")
