@@ -57,3 +57,14 @@ def test_wilddash_v1_recursive_pairs(tmp_path):
         get_dataset("wilddash", root=tmp_path, split="val")
     with pytest.raises(UserError, match=r"wd_bench\*"):
         get_dataset("wilddash", root=tmp_path, split="bench")
+
+
+def test_documented_root_variants(tmp_path):
+    # KITTI: a root holding data_semantics/ works like data_semantics/ itself
+    write_kitti(tmp_path / "kitti" / "data_semantics", "000001_10", np.zeros((H, W, 3), np.uint8), _semantic())
+    assert [f.id for f in get_dataset("kitti", root=tmp_path / "kitti", split="train").files] == ["000001_10"]
+    # WildDash: a flat unzip without the wd_val_01 folder is the val split
+    write_wilddash(tmp_path / "wd", "au0000_100000", np.zeros((H, W, 3), np.uint8), _semantic(), folder=".")
+    ds = get_dataset("wilddash", root=tmp_path / "wd", split="val")
+    assert [f.id for f in ds.files] == ["au0000_100000"] and ds.files[0].instances is None
+    assert ds[0].instances is None and ds[0].label[0, 0] == ds.label_space.index("vegetation")
