@@ -512,6 +512,7 @@ class SpeedRow:
     relative_latency: float | None = None
     params_m: float | None = None
     latencies_ms: list[float] = field(default_factory=list)
+    cpu_ms_median: float | None = None  # process CPU time per forward, all threads
     folded_bn: int = 0
 
     def json_row(self) -> dict[str, Any]:
@@ -558,19 +559,21 @@ def image_gmac(make: Callable[[], nn.Module], height: int, width: int) -> float:
 
 
 def time_model(model: nn.Module, x: torch.Tensor, *, runs: int, warmup: int, device: str,
-               amp: bool = False) -> list[float]:
-    """Latencies in seconds of ``runs`` forwards after ``warmup`` untimed ones, device-synchronised."""
+               amp: bool = False) -> tuple[list[float], list[float]]:
+    """(wall-clock latencies, process CPU times) in seconds of ``runs`` forwards after ``warmup``
+    untimed ones, device-synchronised. CPU time (all threads) does not depend on other load."""
     with torch.inference_mode(), _autocast(device, amp):
         for _ in range(warmup):
             model(x)
         _sync(device)
-        times = []
+        times, cpu = [], []
         for _ in range(runs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model(x)
             _sync(device)
             times.append(time.perf_counter() - t0)
-    return times
+            cpu.append(time.process_time() - c0)
+    return times, cpu
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -597,7 +600,7 @@ def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: 
     x = torch.randn(cfg.batch_size, 3, h, w, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    times = time_model(model, x, runs=cfg.runs, warmup=cfg.warmup, device=device, amp=cfg.amp)
+    times, cpu = time_model(model, x, runs=cfg.runs, warmup=cfg.warmup, device=device, amp=cfg.amp)
     med = statistics.median(times)
     ms = [t * 1000 for t in times]
     return SpeedRow(
@@ -609,7 +612,7 @@ def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: 
         gmac=round(gmac, 3) if gmac else None,
         gflops_per_s=round(2 * gmac * cfg.batch_size / med, 3) if gmac else None,
         params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        latencies_ms=[round(t, 2) for t in ms])
+        latencies_ms=[round(t, 2) for t in ms], cpu_ms_median=round(statistics.median(cpu) * 1000, 2))
 
 
 @dataclass
@@ -666,18 +669,22 @@ def speed_record(result: SpeedResult, command: list[str] | None = None) -> dict[
 
 
 def format_speed_table(result: SpeedResult) -> str:
-    lines = [f"{'model':<30} {'median ms':>10} {'IQR ms':>8} {'FPS':>7} {'GMAC':>8} {'GFLOP/s':>8} {'x slower':>8}"]
+    ref_cpu = result.rows[0].cpu_ms_median
+    lines = [f"{'model':<30} {'median ms':>10} {'IQR ms':>8} {'FPS':>7} {'GMAC':>8} {'GFLOP/s':>8} {'x slower':>8} "
+             f"{'CPU ms':>9} {'x by CPU':>8}"]
     for r in result.rows:
         gm = f"{r.gmac:.1f}" if r.gmac is not None else "-"
         gf = f"{r.gflops_per_s:.1f}" if r.gflops_per_s is not None else "-"
+        xc = f"{r.cpu_ms_median / ref_cpu:.2f}" if r.cpu_ms_median and ref_cpu else "-"
         lines.append(f"{r.model:<30} {r.latency_ms_median:>10.1f} {r.latency_ms_iqr:>8.1f} {r.fps:>7.3f} "
-                     f"{gm:>8} {gf:>8} {r.relative_latency:>8.2f}")
+                     f"{gm:>8} {gf:>8} {r.relative_latency:>8.2f} {r.cpu_ms_median or 0:>9.0f} {xc:>8}")
     cfg = result.config
     lines.append(f"input {cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]}, {cfg.device}, "
                  f"{'bf16/fp16 autocast' if cfg.amp else 'fp32'}, "
                  f"{'BN folded into convs' if cfg.fold_bn else 'BN not folded'}, "
                  f"{'channels-last' if cfg.channels_last else 'NCHW'}, {torch.get_num_threads()} threads; "
-                 f"GMAC per image; 'x slower' = median latency / {result.rows[0].model}'s")
+                 f"GMAC per image; 'x slower' = median latency / {result.rows[0].model}'s; "
+                 f"'CPU ms' = process CPU time per forward (all threads), robust to other load")
     return "\n".join(lines)
 
 

@@ -486,21 +486,23 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--compare", default="", metavar="NAMES",
               help="Comma list of torchvision models to time in the same run, e.g. "
                    "deeplabv3_resnet50,fcn_resnet50,lraspp_mobilenet_v3_large (random weights).")
+@click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
+              help="Fold BatchNorms that read only a conv's output into that conv (every timed model).")
 @click.option("--runs", type=int, default=5, show_default=True, help="Timed forwards per model.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed forwards first per model.")
 @click.option("--num-classes", type=int, default=19, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--json", "json_out", default=None, metavar="OUT", help="Also write the rows as a JSON list to OUT.")
 @click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
-def bench_speed_cmd(model, size, batch_size, device, amp, channels_last, compare, runs, warmup, num_classes,
-                    threads, json_out, out):
+def bench_speed_cmd(model, size, batch_size, device, amp, channels_last, compare, fold_bn, runs, warmup,
+                    num_classes, threads, json_out, out):
     """Inference latency (median, IQR), FPS and GFLOP/s, beside torchvision models."""
     from ldnbench import bench as B
 
     names = tuple(B.resolve_compare(compare))  # first: a typo must fail before anything is built
     cfg = B.SpeedConfig(model=B.resolve_bench_model(model), num_classes=num_classes, size=B.parse_size(size),
                         batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
-                        compare=names, runs=runs, warmup=warmup, threads=threads)
+                        compare=names, fold_bn=fold_bn, runs=runs, warmup=warmup, threads=threads)
     result = B.bench_speed(cfg, progress=lambda m: click.echo(m, err=True))
     click.echo(B.format_speed_table(result))
     _bench_outputs(B.speed_record(result, command=sys.argv), [r.json_row() for r in result.rows], out, json_out)

@@ -121,6 +121,7 @@ def test_speed_rows_and_json_schema(cli_runner, tmp_path):
     assert rows[0]["relative_latency"] == 1.0
     rec = json.loads(rec_path.read_text())
     assert rec["kind"] == "bench-speed" and len(rec["rows"]) == 2 and len(rec["rows"][0]["latencies_ms"]) == 2
+    assert all(row["cpu_ms_median"] > 0 and row["folded_bn"] > 0 for row in rec["rows"])  # BN folded by default
     assert "speedup_vs_lraspp_mobilenet_v3_large" in rec["metrics"]
 
 
