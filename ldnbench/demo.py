@@ -40,7 +40,7 @@ class DemoBudget:
 
 BUDGETS: dict[str, DemoBudget] = {
     # The real LDN121 64→4 (9.5M parameters), random init: the main demo.
-    "small": DemoBudget("small", size=(160, 80), n=150, iters=120, crop=64, batch_size=8, lr=2e-3,
+    "small": DemoBudget("small", size=(160, 80), n=150, iters=400, crop=64, batch_size=8, lr=2e-3,
                         fractions=tuple(round(i / 10, 1) for i in range(11))),
     # A narrow LDN121-shaped model on tiny images: a smoke test of every step in well under a minute.
     "tiny": DemoBudget("tiny", size=(64, 32), n=5, iters=2, crop=64, batch_size=2, lr=2e-3,

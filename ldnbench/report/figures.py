@@ -51,6 +51,9 @@ def iou_vs_tflop(rows: pd.DataFrame, stem: str | Path, title: str | None = None)
     df["who"] = df["source"].fillna("ours").astype(str) + " · " + df["split"].fillna("?").astype(str)
     df["label"] = df["method"].fillna(df.get("model")).astype(str) + df["down_up"].fillna("").map(
         lambda s: f" {s}" if s else "")
+    if "train_dataset" in df:  # the user's runs of one model differ by training set
+        ours = df["source"] != "published"
+        df.loc[ours, "label"] += df.loc[ours, "train_dataset"].map(lambda t: f" [{t}]" if isinstance(t, str) else "")
     fig, ax = _figure()
     sns.scatterplot(data=df, x="TFLOP@1MPx", y="mIoU (%)", hue="who", style="who", s=60, ax=ax)
     # one label per method (at its best point) keeps val/test pairs readable
