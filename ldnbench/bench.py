@@ -334,8 +334,8 @@ def measure_policy(cfg: MemoryConfig, policy: str) -> MemoryRow:
     total = sum(times)
     row = MemoryRow(policy=policy, peak_mb=round(peak, 1),
                     images_per_s=round(cfg.batch_size * len(times) / total, 4) if total > 0 else None,
-                    step_s=[round(t, 4) for t in times], cpu_s=[round(t, 4) for t in cpu], baseline_mb=round(meter.baseline_mb, 1),
-                    method=meter.method, pid=os.getpid())
+                    step_s=[round(t, 4) for t in times], cpu_s=[round(t, 4) for t in cpu],
+                    baseline_mb=round(meter.baseline_mb, 1), method=meter.method, pid=os.getpid())
     if cfg.find_max_batch:
         del x, y
         row.max_batch, row.max_batch_note = _find_max_batch(cfg, step, device)

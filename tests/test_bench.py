@@ -11,6 +11,16 @@ from ldnbench.cli import main
 from ldnbench.errors import UserError
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # With 2 OpenMP threads on 2 cores shared with other jobs, every parallel region waits for a
+    # descheduled thread: a 64 px training step took 30 s instead of 0.3 s. Tiny inputs need 1 thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_help(cli_runner):
     for args in (["bench", "--help"], ["bench", "memory", "--help"], ["bench", "speed", "--help"]):
         r = cli_runner.invoke(main, args)
@@ -75,7 +85,8 @@ def test_cpu_peak_meter_sees_a_freed_spike_and_resets():
 def test_memory_every_policy_in_its_own_process(cli_runner, tmp_path):
     out, rec_path = tmp_path / "rows.json", tmp_path / "rec.json"
     r = cli_runner.invoke(main, ["bench", "memory", "--model", "ldn121", "--crop", "64", "--batch-size", "2",
-                                 "--steps", "1", "--warmup", "0", "--find-max-batch", "--json", str(out),
+                                 "--steps", "1", "--warmup", "0", "--threads", "1", "--find-max-batch",
+                                 "--json", str(out),
                                  "--out", str(rec_path)])
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())
@@ -97,7 +108,7 @@ def test_memory_every_policy_in_its_own_process(cli_runner, tmp_path):
 
 
 def test_memory_worker_failure_is_reported_not_raised():
-    cfg = B.MemoryConfig(model="ldn121-64to4", crop=64, batch_size=1, steps=1, warmup=0, num_classes=0)
+    cfg = B.MemoryConfig(model="ldn121-64to4", crop=64, batch_size=1, steps=1, warmup=0, num_classes=0, threads=1)
     row = B.run_policy_subprocess(cfg, "none")
     assert row.peak_mb is None and row.error and row.error.startswith("worker failed")
 
@@ -105,6 +116,7 @@ def test_memory_worker_failure_is_reported_not_raised():
 def test_speed_rows_and_json_schema(cli_runner, tmp_path):
     out, rec_path = tmp_path / "rows.json", tmp_path / "rec.json"
     r = cli_runner.invoke(main, ["bench", "speed", "--model", "ldn121", "--size", "64x96", "--runs", "2",
+                                 "--threads", "1",
                                  "--compare", "lraspp_mobilenet_v3_large", "--json", str(out),
                                  "--out", str(rec_path)])
     assert r.exit_code == 0, r.output
