@@ -36,3 +36,21 @@ def test_no_mapping_names_both_spaces():
     cs, joint = _joint()
     with pytest.raises(UserError, match="no label mapping from cityscapes19 .* to joint"):
         get_mapping(cs, joint)
+
+
+def test_table_mapping_sums_probabilities_of_grouped_classes():
+    cs, camvid = get_label_space("cityscapes19"), get_label_space("camvid11")
+    m = get_mapping(cs, camvid)
+    logits = torch.randn(2, cs.num_classes, 3, 5)
+    out = m.logits(logits)
+    assert out.shape == (2, camvid.num_classes, 3, 5)
+    p = logits.softmax(1)
+    car = sum(p[:, cs.index(n)] for n in ("car", "truck", "bus", "train"))
+    # softmax over dst logits = renormalised sums of the grouped src probabilities
+    kept = sum(p[:, cs.index(n)] for g in (("sky",), ("building",), ("pole", "traffic light"), ("road",),
+               ("sidewalk",), ("vegetation", "terrain"), ("traffic sign",), ("fence", "wall"),
+               ("car", "truck", "bus", "train"), ("person",), ("rider", "bicycle", "motorcycle")) for n in g)
+    torch.testing.assert_close(out.softmax(1)[:, camvid.index("Car")], car / kept)
+    # no table the other way round: a clear error
+    with pytest.raises(UserError, match="no label mapping"):
+        get_mapping(camvid, cs)

@@ -139,22 +139,41 @@ def get_label_space(name: str) -> LabelSpace:
 class LabelMapping:
     """How predictions in space ``src`` become predictions in space ``dst``.
 
-    ``index is None`` means identity; otherwise dst class ``j`` is src logit ``index[j]`` (the
-    remaining src classes are dropped, so argmax picks among the dst classes only).
+    ``index is None`` and ``groups is None`` means identity. ``index``: dst class ``j`` is src logit
+    ``index[j]`` (the remaining src classes are dropped, so argmax picks among the dst classes
+    only). ``groups`` (a table): dst class ``j`` scores the log of the summed probability of the src
+    classes ``groups[j]`` (logsumexp of their logits); src classes in no group are dropped.
     """
 
     src: str
     dst: str
     index: tuple[int, ...] | None = None
+    groups: tuple[tuple[int, ...], ...] | None = None
 
     def logits(self, logits):
         """NxC_src x H x W (or C_src x H x W) tensor -> the same in the dst space."""
-        if self.index is None:
-            return logits
         import torch
 
         dim = 1 if logits.dim() == 4 else 0
+        if self.groups is not None:
+            return torch.stack([logits.index_select(dim, torch.as_tensor(g, device=logits.device)).logsumexp(dim)
+                                for g in self.groups], dim)
+        if self.index is None:
+            return logits
         return logits.index_select(dim, torch.as_tensor(self.index, device=logits.device))
+
+
+#: Grouping tables between spaces that share no class names: dst class -> src classes whose
+#: probabilities it sums. cityscapes19 -> camvid11 follows the usual CamVid reading of the
+#: Cityscapes classes (terrain counts as Tree, wall as Fence, rider as Bicyclist).
+MAPPING_TABLES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+    ("cityscapes19", "camvid11"): {
+        "Sky": ("sky",), "Building": ("building",), "Pole": ("pole", "traffic light"), "Road": ("road",),
+        "Pavement": ("sidewalk",), "Tree": ("vegetation", "terrain"), "SignSymbol": ("traffic sign",),
+        "Fence": ("fence", "wall"), "Car": ("car", "truck", "bus", "train"), "Pedestrian": ("person",),
+        "Bicyclist": ("rider", "bicycle", "motorcycle"),
+    },
+}
 
 
 def _namespaces(space: LabelSpace) -> dict[str, dict[str, int]]:
@@ -170,8 +189,8 @@ def get_mapping(src: str | LabelSpace, dst: str | LabelSpace) -> LabelMapping:
     """The mapping from label space ``src`` to ``dst``.
 
     Identity for equal spaces; a subset of logits when every dst class is a src class by name, all
-    from one namespace (rob39's ``cs:road`` ... serve cityscapes19's ``road`` ...). Anything else
-    raises a UserError naming both spaces.
+    from one namespace (rob39's ``cs:road`` ... serve cityscapes19's ``road`` ...); a grouping from
+    :data:`MAPPING_TABLES` where one is defined. Anything else raises a UserError naming both spaces.
     """
     from ldnbench.errors import UserError
 
@@ -182,6 +201,10 @@ def get_mapping(src: str | LabelSpace, dst: str | LabelSpace) -> LabelMapping:
     for names in _namespaces(src).values():
         if all(c in names for c in dst.classes):
             return LabelMapping(src.name, dst.name, tuple(names[c] for c in dst.classes))
+    table = MAPPING_TABLES.get((src.name, dst.name))
+    if table is not None:
+        return LabelMapping(src.name, dst.name,
+                            groups=tuple(tuple(src.index(n) for n in table[c]) for c in dst.classes))
     missing = [c for c in dst.classes if c not in src.classes][:5]
     raise UserError(f"no label mapping from {src.name} ({src.num_classes} classes) to {dst.name} "
                     f"({dst.num_classes} classes): {', '.join(missing)} ... have no counterpart in {src.name}; "
