@@ -11,15 +11,6 @@ from ldnbench.cli import main
 from ldnbench.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # With 2 OpenMP threads on 2 cores shared with other jobs, every parallel region waits for a
-    # descheduled thread: a 64 px training step took 30 s instead of 0.3 s. Tiny inputs need 1 thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_help(cli_runner):
     for args in (["bench", "--help"], ["bench", "memory", "--help"], ["bench", "speed", "--help"]):

@@ -26,14 +26,6 @@ def tiny_options(name: str) -> dict:
     return ({} if name.startswith("lrn") else dict(TINY_DN)) | TINY_HEAD | {"up_widths": (16,) * n_up}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is as fast and immune to oversubscription when the CPU is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_shapes_every_model(name):

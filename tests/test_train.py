@@ -39,14 +39,6 @@ def _scene(rng, h=72, w=96):
     return np.clip(img, 0, 255).astype(np.uint8), ids
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin-waiting on the shared 2 cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def cs_root(tmp_path_factory):
