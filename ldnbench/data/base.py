@@ -69,6 +69,15 @@ class SegDataset(torch.utils.data.Dataset):
 
         return read_rgb(self.files[i].image)
 
+    def labelled_files(self, i: int) -> SampleFiles:
+        """The files of sample ``i``, which must have a label (test splits often have none)."""
+        from ldnbench.errors import UserError
+
+        f = self.files[i]
+        if f.label is None:
+            raise UserError(f"{self.name} sample {f.id} has no label file; use a split with labels")
+        return f
+
     def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(label HxW uint8 in ``label_space``, instances HxW int32 or None) of sample ``i``."""
         raise NotImplementedError

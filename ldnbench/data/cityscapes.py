@@ -17,7 +17,6 @@ from ldnbench.data.layout import index, lut, not_found, pair, remap, require_pai
 from ldnbench.data.base import SegDataset
 from ldnbench.data.io import read_label, read_png16
 from ldnbench.data.labels import IGNORE, get_label_space
-from ldnbench.errors import UserError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
@@ -81,8 +80,6 @@ class Cityscapes(SegDataset):
         require_paired(self.name, self.unpaired, strict)
 
     def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        f = self.files[i]
-        if f.label is None:
-            raise UserError(f"{self.name} sample {f.id} has no label file")
+        f = self.labelled_files(i)
         inst = decode_instanceids(f.instances) if f.instances is not None else None
         return decode_label(f.label), inst

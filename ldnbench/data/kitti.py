@@ -20,7 +20,6 @@ from ldnbench.data.cityscapes import decode_labelids
 from ldnbench.data.io import read_png16
 from ldnbench.data.labels import get_label_space
 from ldnbench.data.layout import index, not_found, pair, require_paired
-from ldnbench.errors import UserError
 
 #: The fixed validation frames (every 5th of the 200 training frames).
 VAL_IDS = frozenset(f"{i:06d}_10" for i in range(0, 200, 5))
@@ -63,8 +62,6 @@ class Kitti(SegDataset):
         require_paired(self.name, self.unpaired, strict)
 
     def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        f = self.files[i]
-        if f.label is None:
-            raise UserError(f"{self.name} sample {f.id} has no label file")
+        f = self.labelled_files(i)
         inst = decode_instances(f.instances) if f.instances is not None else None
         return decode_labelids(f.label), inst

@@ -221,9 +221,7 @@ class Vistas(SegDataset):
             raise UserError(f"cannot read Vistas config {path}: {e!r}; restore it from the dataset zip") from None
 
     def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        f = self.files[i]
-        if f.label is None:
-            raise UserError(f"{self.name} sample {f.id} has no label file")
+        f = self.labelled_files(i)
         label = remap(read_label(f.label), self.table, f.label, f"{len(self.label_names)} Vistas {self.version} labels")
         inst = None
         if f.instances is not None:

@@ -16,7 +16,6 @@ from ldnbench.data.base import SegDataset
 from ldnbench.data.cityscapes import decode_instanceids, decode_labelids
 from ldnbench.data.labels import get_label_space
 from ldnbench.data.layout import index, not_found, pair, require_paired
-from ldnbench.errors import UserError
 
 IMAGE_GLOB = "**/*_100000.png"
 
@@ -54,8 +53,6 @@ class WildDash(SegDataset):
         require_paired(self.name, self.unpaired, strict)
 
     def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        f = self.files[i]
-        if f.label is None:
-            raise UserError(f"{self.name} sample {f.id} has no label file")
+        f = self.labelled_files(i)
         inst = decode_instanceids(f.instances) if f.instances is not None else None
         return decode_labelids(f.label), inst
