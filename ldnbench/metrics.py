@@ -41,6 +41,8 @@ from ldnbench.errors import UserError
 
 #: Instance maps with larger ids are compacted with ``torch.unique`` first (slow but bounded memory).
 _MAX_DIRECT_INSTANCE_BINS = 1 << 24
+#: Pixels count into this many interleaved histograms (see ``SegMetrics.update``).
+_LANES = 4
 
 
 def _nan_mean(values: list[float]) -> float:
@@ -139,6 +141,8 @@ class SegMetrics:
         self._inst_classes = tuple(label_space.instance_classes)
         self._inst_cats = tuple(label_space.instance_categories)
         self._luts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ranks: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.reset()
 
     # ---------------------------------------------------------------- state
@@ -199,7 +203,8 @@ class SegMetrics:
 
     # ---------------------------------------------------------------- update
     def _build_luts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables over ``gt*256+pred``: confusion cell (sentinel for invalid pairs) and instance flag.
+        """Tables over ``gt*256+pred``: confusion cell (sentinel for invalid pairs), and over
+        ``lane*65536 + gt*256+pred`` the instance flag.
 
         Instance flag: 0 = ground truth is not an instance class; for instance class of rank r,
         ``3r+1`` wrong category, ``3r+2`` right category only, ``3r+3`` right class.
@@ -229,9 +234,8 @@ class SegMetrics:
                 flag[c, cat_of_pred == self.space.class_category[c]] = 3 * r + 2
             flag[c, (code == c) & (pred_col >= 0)] = 3 * r + 3
         self._invalid_pred = torch.from_numpy(pred_col < 0)
-        flag_dtype = np.uint8 if 3 * len(self._inst_classes) + 1 < 256 else np.int32
-        luts = (torch.from_numpy(cell.reshape(-1)).to(device),
-                torch.from_numpy(flag.reshape(-1).astype(flag_dtype)).to(device))
+        flag = np.tile(flag.reshape(-1), _LANES)  # whatever the lane of the code
+        luts = (torch.from_numpy(cell.reshape(-1)).to(device), torch.from_numpy(flag.astype(np.int32)).to(device))
         self._luts[device] = luts
         return luts
 
@@ -263,6 +267,19 @@ class SegMetrics:
                                 f"map labels into label space {self.space.name} first")
         return t.to(torch.int32)
 
+    def _work(self, dev: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Two int32 per-pixel scratch buffers and the pixel lane offsets, reused across updates.
+
+        Fresh multi-megabyte tensors per frame cost more in page faults than the arithmetic itself.
+        """
+        bufs = self._bufs.get(dev)
+        if bufs is None or bufs[0].numel() < n:
+            lanes = torch.arange(_LANES, dtype=torch.int32, device=dev).mul_(1 << 16).repeat(-(-n // _LANES))
+            bufs = (torch.empty(n, dtype=torch.int32, device=dev), torch.empty(n, dtype=torch.int32, device=dev),
+                    lanes[:n])
+            self._bufs[dev] = bufs
+        return bufs[0][:n], bufs[1][:n], bufs[2][:n]
+
     def update(self, pred, target, instances=None) -> None:
         """Add one image (HxW) or a batch (NxHxW) of predictions, ground truth and optional instances."""
         target = self._as_tensor(target, "target")
@@ -273,38 +290,81 @@ class SegMetrics:
                             f"{tuple(target.shape)}; predict at the ground-truth resolution")
         if target.dim() not in (2, 3):
             raise UserError(f"label maps must be HxW or NxHxW, got shape {tuple(target.shape)}")
-        n_img = 1 if target.dim() == 2 else target.shape[0]
+        n_img, h, w = (1, *target.shape) if target.dim() == 2 else target.shape
         k = self.num_classes
         valid_pred = self._pred_desc
         g = self._check_range(target, "ground truth", f"0..{k - 1} and {self._ignore}").reshape(-1)
         p = self._check_range(pred, "prediction", valid_pred).reshape(-1)
-        inst, inst_max = None, 0
+        inst = None
         if instances is not None and self._inst_classes:
             inst = self._as_tensor(instances, "instances", dev)
             if inst.shape != target.shape:
                 raise UserError(f"instance map shape {tuple(inst.shape)} differs from ground truth shape "
                                 f"{tuple(target.shape)}")
-            inst = inst.reshape(n_img, target.shape[-2], target.shape[-1])
-            if inst.numel():
-                if inst.dtype.is_signed and inst.min() < 0:
-                    raise UserError("instance maps must not hold negative ids (0 = no instance)")
-                row_max = inst.amax(dim=2)  # the largest id, and the band of rows that holds objects
-                inst_max = int(row_max.max())
+            inst = inst.reshape(n_img, h, w)
         self._to(dev)
-        cell_lut, flag_lut = self._build_luts(dev)
-        # gt*256+pred for every pixel; its histogram (64K bins, cache-resident) folds into the
-        # confusion matrix through the cell table, so no per-pixel gather is needed for it
-        code = torch.add(p, g.to(torch.int32), alpha=256)  # out of place: never touch the caller's data
-        hist = torch.bincount(code, minlength=1 << 16)
+        cell_lut, row_lut = self._build_luts(dev)
+        # lane*65536 + gt*256 + pred for every pixel. Label maps come in long runs of one value, and
+        # a serial histogram of runs stalls on its own counter; four lanes (summed afterwards) make
+        # neighbouring pixels count into different counters. The histogram folds into the confusion
+        # matrix through the cell table, so no per-pixel gather is needed for it.
+        code, scratch, lanes = self._work(dev, g.numel())
+        code.copy_(g)  # same-dtype operands below: mixed uint8/int32 ops would allocate temporaries
+        torch.add(lanes, code, alpha=256, out=code)
+        code.add_(scratch.copy_(p))
+        hist = torch.bincount(code, minlength=_LANES << 16).view(_LANES, 1 << 16).sum(0)
         counts = torch.zeros((k + 1) * self._cols + 1, dtype=torch.int64, device=dev).index_add_(0, cell_lut, hist)
         if counts[-1] > 0:
             self._raise_invalid(g, p, valid_pred)
+        sums = []
+        for b in range(n_img if inst is not None else 0):  # instance ids are per image
+            img = slice(b * h * w, (b + 1) * h * w)
+            hist2, n = self._instance_hist(inst[b], code[img], scratch[img], row_lut)
+            if hist2 is not None:
+                sums.append(self._instance_sums(hist2, n))
+        # only now: a refused update leaves the state untouched
         self.confusion += counts[:-1].view(k + 1, self._cols)
         self.num_images += n_img
         if self._inst_classes and inst is None:
             self.images_without_instances += n_img
-        if inst is not None and inst_max > 0:
-            self._update_instances(inst, flag_lut.index_select(0, code).view(inst.shape), row_max, inst_max)
+        for delta in sums:
+            for mine, d in zip((self.inst_tp, self.inst_fn, self.cat_tp, self.cat_fn), delta):
+                mine += d
+
+    def _instance_hist(self, ids: torch.Tensor, code: torch.Tensor, scratch: torch.Tensor,
+                       row_lut: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """Histogram of ``flag * n + instance`` (flags: see ``_build_luts``) over the pixels of one HxW
+        image with instance ``ids`` and pixel ``code``\ s, and ``n``; ``code`` is overwritten.
+
+        Only row segments that hold an object are counted (objects cover a fifth of a street
+        scene): a cheap gather of whole segments, no per-pixel compaction.
+        """
+        h, w = ids.shape
+        if not ids.numel():
+            return None, 0
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0:
+            raise UserError("instance maps must not hold negative ids (0 = no instance)")
+        if hi <= 0:
+            return None, 0
+        if (hi + 1) * (1 + 3 * len(self._inst_classes)) > _MAX_DIRECT_INSTANCE_BINS:
+            uniq, ids = torch.unique(ids, return_inverse=True)  # slow, but bounded memory
+            if uniq[0] != 0:  # keep index 0 for "no instance"
+                ids = ids + 1
+            hi = int(ids.max())
+        if ids.dtype != torch.int32:
+            ids = ids.to(torch.int32)
+        n = hi + 1
+        seg = next((s for s in (32, 16, 8) if w % s == 0), w)
+        has_object = ids.reshape(h, w // seg, seg).amax(2) > 0
+        rows = has_object.any(1).nonzero()
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1  # the band of rows that holds objects
+        bins = scratch[r0 * w:r1 * w]
+        torch.index_select(row_lut * n, 0, code[r0 * w:r1 * w], out=bins)
+        bins.add_(ids[r0:r1].reshape(-1))
+        keep = has_object[r0:r1].reshape(-1).nonzero().squeeze(1)
+        picked = torch.index_select(bins.view(-1, seg), 0, keep, out=code[:keep.numel() * seg].view(-1, seg))
+        return torch.bincount(picked.view(-1), minlength=(1 + 3 * len(self._inst_classes)) * n), n
 
     def _raise_invalid(self, g: torch.Tensor, p: torch.Tensor, valid_pred: str) -> None:
         k = self.num_classes
@@ -317,55 +377,43 @@ class SegMetrics:
         raise UserError(f"prediction has values {', '.join(map(str, bad_p[:8].tolist()))} outside {valid_pred} "
                         f"(label space {self.space.name}); map predictions into the label space first")
 
-    def _update_instances(self, inst: torch.Tensor, flags: torch.Tensor, row_max: torch.Tensor,
-                          inst_max: int) -> None:
-        """Instance-weighted TP/FN sums of NxHxW ``inst`` given per-pixel flags (see ``_build_luts``)."""
+    def _rank_tables(self, dev: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per instance-class rank: average size, class index, category index, counts-for-category."""
+        if dev not in self._ranks:
+            cat_of = [self.space.class_category[c] if self.space.has_categories else 0 for c in self._inst_classes]
+            self._ranks[dev] = (
+                torch.tensor([self.space.avg_instance_size[c] for c in self._inst_classes], dtype=torch.float64,
+                             device=dev),
+                torch.tensor(self._inst_classes, device=dev), torch.tensor(cat_of, device=dev),
+                torch.tensor([c in self._inst_cats for c in cat_of], device=dev))
+        return self._ranks[dev]
+
+    def _instance_sums(self, hist: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """Instance-weighted (TP, FN) per class and per category from one image's instance histogram."""
         r_count = len(self._inst_classes)
-        f = 1 + 3 * r_count
-        dev = inst.device
-        for b in range(inst.shape[0]):  # instance ids are per image
-            rows = (row_max[b] > 0).nonzero()
-            if not rows.numel():
-                continue
-            # only the band of rows that holds objects (a view: objects cluster mid-image in street scenes)
-            r0, r1 = int(rows[0]), int(rows[-1]) + 1
-            ids, hi = inst[b, r0:r1].reshape(-1), inst_max
-            flag_b = flags[b, r0:r1].reshape(-1)
-            if (hi + 1) * f > _MAX_DIRECT_INSTANCE_BINS:
-                uniq, ids = torch.unique(ids, return_inverse=True)
-                if uniq[0] != 0:  # keep index 0 for "no instance"
-                    ids = ids + 1
-                hi = int(ids.max())
-            n = hi + 1
-            v = torch.add(flag_b, ids.to(torch.int32), alpha=f)  # (instance, flag) bin of every pixel
-            hist = torch.bincount(v, minlength=n * f)
-            # few instances among many possible ids: continue with the non-empty bins only
-            bins = hist.nonzero().squeeze(1)
-            bins = bins[(bins >= f) & (bins % f != 0)]     # drop "no instance" and "not an instance class"
-            if not bins.numel():
-                continue
-            count = hist[bins].to(torch.float64)
-            rank, kind = torch.div(bins % f - 1, 3, rounding_mode="floor"), (bins % f - 1) % 3
-            # one group per (instance, class): an object is sized by its pixels of one class
-            groups, group = torch.unique(torch.div(bins, f, rounding_mode="floor") * r_count + rank,
-                                         return_inverse=True)
-            zeros = torch.zeros(groups.numel(), dtype=torch.float64, device=dev)
-            size = zeros.index_add(0, group, count)
-            tp = zeros.index_add(0, group, torch.where(kind == 2, count, 0.0))
-            cat_tp = zeros.index_add(0, group, torch.where(kind >= 1, count, 0.0))
-            g_rank = groups % r_count
-            avg = torch.tensor([self.space.avg_instance_size[c] for c in self._inst_classes],
-                               dtype=torch.float64, device=dev)
-            w = avg[g_rank] / size
-            cls = torch.tensor(self._inst_classes, device=dev)[g_rank]
-            self.inst_tp.index_add_(0, cls, tp * w)
-            self.inst_fn.index_add_(0, cls, (size - tp) * w)
-            if self._inst_cats:
-                cat_of = [self.space.class_category[c] for c in self._inst_classes]
-                cats = torch.tensor(cat_of, device=dev)[g_rank]
-                keep = torch.tensor([c in self._inst_cats for c in cat_of], device=dev)[g_rank]
-                self.cat_tp.index_add_(0, cats, torch.where(keep, cat_tp * w, 0.0))
-                self.cat_fn.index_add_(0, cats, torch.where(keep, (size - cat_tp) * w, 0.0))
+        inst_tp, inst_fn = torch.zeros_like(self.inst_tp), torch.zeros_like(self.inst_fn)
+        cat_tp_sum, cat_fn_sum = torch.zeros_like(self.cat_tp), torch.zeros_like(self.cat_fn)
+        # drop flag 0 (ground truth not of an instance class): (rank, kind, instance)
+        per_kind = hist.view(-1, n)[1:].view(r_count, 3, n)
+        size_all = per_kind.sum(1)
+        size_all[:, 0] = 0  # instance 0 = no instance
+        sel = size_all.view(-1).nonzero().squeeze(1)  # one group per (class rank, instance) with pixels
+        if not sel.numel():
+            return inst_tp, inst_fn, cat_tp_sum, cat_fn_sum
+        rank = torch.div(sel, n, rounding_mode="floor")
+        kinds = per_kind[rank, :, sel % n].to(torch.float64)  # (groups, 3)
+        size = kinds.sum(1)
+        tp, cat_tp = kinds[:, 2], kinds[:, 1] + kinds[:, 2]
+        avg, cls_of, cat_of, keep_of = self._rank_tables(hist.device)
+        w = avg[rank] / size
+        cls = cls_of[rank]
+        inst_tp.index_add_(0, cls, tp * w)
+        inst_fn.index_add_(0, cls, (size - tp) * w)
+        if self._inst_cats:
+            cats, keep = cat_of[rank], keep_of[rank]
+            cat_tp_sum.index_add_(0, cats, torch.where(keep, cat_tp * w, 0.0))
+            cat_fn_sum.index_add_(0, cats, torch.where(keep, (size - cat_tp) * w, 0.0))
+        return inst_tp, inst_fn, cat_tp_sum, cat_fn_sum
 
     # ---------------------------------------------------------------- results
     def compute(self) -> MetricResult:

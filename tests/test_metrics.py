@@ -175,3 +175,48 @@ def test_unsigned_16bit_tensors_are_accepted():
     a.update(pred, gt, inst)
     b.update(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(inst.astype(np.uint16)))
     assert b.compute().class_iiou == pytest.approx(a.compute().class_iiou, nan_ok=True)
+
+
+def _state(m: SegMetrics) -> list[np.ndarray]:
+    return [t.numpy().copy() for t in (m.confusion, m.inst_tp, m.inst_fn, m.cat_tp, m.cat_fn)]
+
+
+@pytest.mark.parametrize("with_instances", [True, False])
+def test_two_thread_update_of_a_large_frame_equals_one_thread(with_instances):
+    """A full-size frame (intra-op parallel passes, interleaved histogram lanes) counts exactly."""
+    pred, gt, inst = _random(5, n=1, h=32, w=32)
+    pred, gt, inst = (np.kron(a[0], np.ones((32, 64), a.dtype)) for a in (pred, gt, inst))  # 1024x2048
+    inst[:100] = 0  # a band of rows without objects
+    args = (pred, gt, inst) if with_instances else (pred, gt)
+    space = get_label_space("cityscapes19")
+    one, two = SegMetrics(space), SegMetrics(space)
+    one.update(*args)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two.update(*args)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(_state(one), _state(two)):
+        np.testing.assert_array_equal(a, b)
+    if with_instances:
+        assert one.compute().iiou > 0
+
+
+def test_refused_large_update_leaves_the_state_untouched():
+    pred, gt, inst = _random(6, n=1, h=32, w=32)
+    pred, gt, inst = (np.kron(a[0], np.ones((32, 64), a.dtype)) for a in (pred, gt, inst))
+    m = SegMetrics(get_label_space("cityscapes19"))
+    m.update(pred, gt, inst)
+    state = _state(m)
+    pred[5, 7] = 40
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(UserError, match="prediction has values 40"):
+            m.update(pred, gt, inst)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(state, _state(m)):
+        np.testing.assert_array_equal(a, b)
+    assert m.num_images == 1

@@ -37,10 +37,10 @@ def _labelid_tables():
     return to_train, gt_to_train, tuple(extra), from_train
 
 
-def _frame(rng: np.random.Generator, absent: set[int]):
+def _frame(rng: np.random.Generator, absent: set[int], H: int = H, W: int = W):  # noqa: N803
     """labelIds, instanceIds (Cityscapes encoding) and a noisy labelId prediction."""
     allowed = np.array([i for i in range(34) if i not in absent])
-    gt = rng.choice(allowed, size=(H // 8, W // 8)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
+    gt = rng.choice(allowed, size=(H // 8 + 1, W // 8 + 1)).repeat(8, 0).repeat(8, 1)[:H, :W].astype(np.uint8)
     inst = gt.astype(np.int32).copy()           # stuff and groups keep their label id (< 1000)
     counters: dict[int, int] = {}
     inst_ids = [i for i in (24, 25, 26, 27, 28, 29, 30, 32, 33) if i not in absent]
@@ -105,12 +105,15 @@ def _assert_same(ours, official, space):
     same(ours.cat_iiou, official["averageScoreInstCategories"], "category iIoU")
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_labelid_predictions_match_official(tmp_path, monkeypatch, seed):
-    """Predictions in label ids (incl. void ids such as caravan), GT with ignore pixels and groups."""
+@pytest.mark.parametrize("seed,width", [(0, W), (1, W), (2, 120), (3, 122)])
+def test_labelid_predictions_match_official(tmp_path, monkeypatch, seed, width):
+    """Predictions in label ids (incl. void ids such as caravan), GT with ignore pixels and groups.
+
+    Widths 120 and 122 exercise the 8-pixel and whole-row instance segments.
+    """
     rng = np.random.default_rng(seed)
     absent = {31}                                # 'train' nowhere: NaN IoU and iIoU
-    frames = [_frame(rng, absent) for _ in range(4)]
+    frames = [_frame(rng, absent, W=width) for _ in range(4)]
     official = _official(tmp_path, frames, monkeypatch)
     to_train, gt_to_train, extra, _ = _labelid_tables()
     space = get_label_space("cityscapes19")

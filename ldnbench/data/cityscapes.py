@@ -52,8 +52,9 @@ def decode_label(path: Path) -> np.ndarray:
 
 def decode_instanceids(path: Path) -> np.ndarray:
     """Cityscapes instanceIds (16-bit PNG) -> instance map with 0 = no instance (values < 1000)."""
-    v = read_png16(path)
-    return np.where(v >= 1000, v, 0).astype(np.int32)
+    v = read_png16(path)  # a fresh int32 array: threshold it in place
+    v[v < 1000] = 0
+    return v
 
 
 class Cityscapes(SegDataset):
