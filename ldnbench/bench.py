@@ -46,9 +46,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldnbench.errors import UserError
+from ldnbench.inference import fold_batchnorm, reuse_freed_memory
 from ldnbench.models.checkpointing import POLICIES as _MODEL_POLICIES
 
 #: Checkpointing policies of paper Table 11, in the table's order (the model zoo's names).
@@ -493,6 +493,8 @@ class SpeedConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     #: Fold every BatchNorm that only reads a convolution's output into that convolution (all models).
     fold_bn: bool = True
+    #: Keep freed large blocks in the heap (``ldnbench.inference.reuse_freed_memory``, process-wide).
+    heap_reuse: bool = True
     threads: int | None = None
     seed: int = 0
 
@@ -619,6 +621,8 @@ def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: 
 class SpeedResult:
     config: SpeedConfig
     rows: list[SpeedRow]
+    #: whether freed memory was kept for reuse (``cfg.heap_reuse`` and glibc allowed it)
+    heap_reuse: bool = False
 
 
 def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None) -> SpeedResult:
@@ -631,6 +635,7 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
         raise UserError("--runs, --warmup and --batch-size must be at least 1.", 2)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    heap_reuse = reuse_freed_memory() if cfg.heap_reuse and device == "cpu" else False
     torch.manual_seed(cfg.seed)
     rows = []
     entries: list[tuple[str, Callable[[], nn.Module]]] = [
@@ -649,7 +654,7 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
     ref = rows[0].latency_ms_median
     for r in rows:
         r.relative_latency = round(r.latency_ms_median / ref, 3)
-    return SpeedResult(cfg, rows)
+    return SpeedResult(cfg, rows, heap_reuse)
 
 
 def speed_record(result: SpeedResult, command: list[str] | None = None) -> dict[str, Any]:
@@ -664,6 +669,7 @@ def speed_record(result: SpeedResult, command: list[str] | None = None) -> dict[
         metrics[f"speedup_vs_{r.model}"] = r.relative_latency
     conf = asdict(cfg)
     conf["size"] = f"{cfg.size[0]}x{cfg.size[1]}"
+    conf["heap_reuse_applied"] = result.heap_reuse
     return make_record("bench-speed", model=cfg.model, model_options=cfg.model_options, device=cfg.device,
                        metrics=metrics, command=command, config=conf, rows=[asdict(r) for r in result.rows])
 
@@ -682,94 +688,11 @@ def format_speed_table(result: SpeedResult) -> str:
     lines.append(f"input {cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]}, {cfg.device}, "
                  f"{'bf16/fp16 autocast' if cfg.amp else 'fp32'}, "
                  f"{'BN folded into convs' if cfg.fold_bn else 'BN not folded'}, "
+                 f"{'freed memory reused' if result.heap_reuse else 'freed memory returned to the OS'}, "
                  f"{'channels-last' if cfg.channels_last else 'NCHW'}, {torch.get_num_threads()} threads; "
                  f"GMAC per image; 'x slower' = median latency / {result.rows[0].model}'s; "
                  f"'CPU ms' = process CPU time per forward (all threads), robust to other load")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------
-# eval-time BatchNorm folding
-
-
-def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-
-
-class _UseCounter(TorchDispatchMode):
-    """Counts, per tensor storage, how many aten ops read it.
-
-    Every result is kept alive until the probe ends, so that no address is reused by another tensor.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.uses: dict[int, int] = {}
-        self.keep: list = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for a in torch.utils._pytree.tree_leaves((args, kwargs or {})):
-            if isinstance(a, torch.Tensor):
-                ptr = a.untyped_storage().data_ptr()
-                self.uses[ptr] = self.uses.get(ptr, 0) + 1
-        out = func(*args, **(kwargs or {}))
-        self.keep.append(out)
-        return out
-
-
-def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-3) -> tuple[nn.Module, int]:
-    """An eval-only copy of ``model`` in which every BatchNorm whose input is the output of a Conv2d,
-    read by nothing else, is folded into that convolution (weights scaled, bias added); returns
-    (copy, number of folded BatchNorms).
-
-    Pairs are found by running ``example`` once and watching the tensors (so it works for any
-    architecture: the LDN's 1x1 bottleneck → BN of the 3x3 unit, torchvision's conv → bn). Pre-activation
-    BNs that read concatenations or sums stay. The copy's output is checked against the original on
-    ``example``.
-    """
-    import copy
-
-    model = copy.deepcopy(model).eval()
-    calls: dict[nn.Module, list] = {}
-
-    def hook(mod, inp, out):
-        calls.setdefault(mod, []).append((_storage_key(inp[0]), _storage_key(out)))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
-    counter = _UseCounter()
-    try:
-        with torch.inference_mode(), counter:
-            reference = model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    conv_by_out = {c[0][1]: m for m, c in calls.items() if isinstance(m, nn.Conv2d) and len(c) == 1}
-    parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
-    folded = 0
-    for bn, c in calls.items():
-        if not isinstance(bn, nn.BatchNorm2d) or len(c) != 1 or bn.running_var is None:
-            continue
-        conv = conv_by_out.get(c[0][0])
-        if conv is None or counter.uses.get(c[0][0][0], 0) != 1 or id(bn) not in parents:
-            continue
-        with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
-                1 / torch.sqrt(bn.running_var + bn.eps)
-            shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
-            bias = shift if conv.bias is None else conv.bias * scale + shift
-            conv.weight.mul_(scale.view(-1, 1, 1, 1))
-            conv.bias = nn.Parameter(bias.detach().clone())
-        parent, name = parents[id(bn)]
-        setattr(parent, name, nn.Identity())
-        folded += 1
-    counter.keep.clear()
-    with torch.inference_mode():
-        out = model(example)
-    ref, got = (reference["out"], out["out"]) if isinstance(reference, dict) else (reference, out)
-    err = (ref - got).abs().max().item()
-    if not err <= atol * max(1.0, ref.abs().max().item()):
-        raise RuntimeError(f"BatchNorm folding changed the output by {err:.3g}; run without folding")
-    return model, folded
 
 
 # ------------------------------------------------------------------------------------------------

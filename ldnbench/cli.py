@@ -139,14 +139,17 @@ def _parse_scales(text: str) -> tuple[float, ...]:
               help="Tile size for sliding-window inference on very large images (1/3 overlap).")
 @click.option("--label-space", default=None, help="Label space of a bare state dict (default: the dataset's).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--amp", is_flag=True, help="bfloat16 autocast (worth it only with native bf16 support).")
+@click.option("--amp/--no-amp", default=None,
+              help="bfloat16 autocast [default: on where the device computes bf16 natively, else off].")
+@click.option("--heap-reuse/--no-heap-reuse", default=True, show_default=True,
+              help="CPU: keep freed large buffers in the heap instead of page-faulting fresh ones (glibc).")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data-loading processes.")
 @click.option("--out", type=click.Path(), default=None,
               help="Result record path (.json) or folder [default: results/eval/<model>-<dataset>-<split>-<run>.json].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sliding, label_space, device, amp,
-             max_images, workers, out, quiet):
+             heap_reuse, max_images, workers, out, quiet):
     """Evaluate a checkpoint on a dataset split: per-class table and a JSON result record.
 
     Under torchrun every process evaluates a disjoint share of the images; rank 0 prints and writes.
@@ -156,7 +159,7 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     from ldnbench.data.labels import get_mapping
     from ldnbench.data.registry import get_dataset
     from ldnbench.evaluate import evaluate, init_distributed, load_eval_model
-    from ldnbench.inference import MS_SCALES
+    from ldnbench.inference import MS_SCALES, reuse_freed_memory
     from ldnbench.report.records import write_record
 
     if device.startswith("cuda"):
@@ -165,6 +168,8 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu", 2)
     ds = get_dataset(dataset, root, split)
+    if heap_reuse and device == "cpu":
+        reuse_freed_memory()
     model, space, model_options = load_eval_model(checkpoint, model_name, label_space or ds.label_space.name)
     mapping = None if space in (None, ds.label_space.name) else get_mapping(space, ds.label_space)
     scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
@@ -488,13 +493,15 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
                    "deeplabv3_resnet50,fcn_resnet50,lraspp_mobilenet_v3_large (random weights).")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold BatchNorms that read only a conv's output into that conv (every timed model).")
+@click.option("--heap-reuse/--no-heap-reuse", default=True, show_default=True,
+              help="CPU: keep freed large buffers in the heap instead of page-faulting fresh ones (glibc).")
 @click.option("--runs", type=int, default=5, show_default=True, help="Timed forwards per model.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed forwards first per model.")
 @click.option("--num-classes", type=int, default=19, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--json", "json_out", default=None, metavar="OUT", help="Also write the rows as a JSON list to OUT.")
 @click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
-def bench_speed_cmd(model, size, batch_size, device, amp, channels_last, compare, fold_bn, runs, warmup,
+def bench_speed_cmd(model, size, batch_size, device, amp, channels_last, compare, fold_bn, heap_reuse, runs, warmup,
                     num_classes, threads, json_out, out):
     """Inference latency (median, IQR), FPS and GFLOP/s, beside torchvision models."""
     from ldnbench import bench as B
@@ -502,7 +509,8 @@ def bench_speed_cmd(model, size, batch_size, device, amp, channels_last, compare
     names = tuple(B.resolve_compare(compare))  # first: a typo must fail before anything is built
     cfg = B.SpeedConfig(model=B.resolve_bench_model(model), num_classes=num_classes, size=B.parse_size(size),
                         batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
-                        compare=names, fold_bn=fold_bn, runs=runs, warmup=warmup, threads=threads)
+                        compare=names, fold_bn=fold_bn, heap_reuse=heap_reuse, runs=runs, warmup=warmup,
+                        threads=threads)
     result = B.bench_speed(cfg, progress=lambda m: click.echo(m, err=True))
     click.echo(B.format_speed_table(result))
     _bench_outputs(B.speed_record(result, command=sys.argv), [r.json_row() for r in result.rows], out, json_out)

@@ -7,6 +7,8 @@ accumulators are summed with ``all_reduce``, so every rank returns the single-pr
 
 from __future__ import annotations
 
+import copy
+
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +22,7 @@ from torch import nn
 from ldnbench.data.labels import LabelSpace
 from ldnbench.data.transforms import to_input
 from ldnbench.errors import UserError
-from ldnbench.inference import predict
+from ldnbench.inference import native_bf16, predict, prepare_model
 from ldnbench.metrics import MetricResult, SegMetrics
 
 
@@ -110,14 +112,16 @@ def _dist() -> tuple[int, int]:
 
 def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float] = (1.0,), flip: bool = False,
              sliding: int | tuple[int, float] | None = None, device: str | torch.device = "cpu",
-             amp: bool = False, progress: bool = True, num_workers: int = 0,
-             max_images: int | None = None) -> EvalResult:
+             amp: bool | None = None, progress: bool = True, num_workers: int = 0,
+             max_images: int | None = None, fast: bool = True) -> EvalResult:
     """Evaluate ``model`` on every sample of ``dataset`` (or its first ``max_images``).
 
     ``mapping`` (:func:`ldnbench.data.labels.get_mapping`) turns the model's logits into the
     dataset's label space; without it the model must predict exactly the dataset's classes.
-    ``scales``/``flip``/``sliding``/``amp`` go to :func:`ldnbench.inference.predict`. The model is
-    put in eval mode for the run and its previous mode is restored afterwards.
+    ``scales``/``flip``/``sliding``/``amp`` go to :func:`ldnbench.inference.predict` (``amp=None``:
+    bf16 where the device computes it natively). ``fast``: run an eval-only copy with BatchNorms
+    folded and channels-last weights (:func:`ldnbench.inference.prepare_model`); ``model`` itself is
+    never modified.
     """
     space = _label_space(dataset)
     n_model = getattr(model, "num_classes", None)
@@ -126,16 +130,16 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
                         f"{space.num_classes}; evaluate with a label mapping (get_mapping) or a matching model")
     if isinstance(sliding, int):
         sliding = (sliding, 1 / 3)
-    settings = EvalSettings(tuple(float(s) for s in scales), bool(flip), sliding, bool(amp))
     device = torch.device(device)
+    amp = native_bf16(device) if amp is None else bool(amp)
+    settings = EvalSettings(tuple(float(s) for s in scales), bool(flip), sliding, amp)
     rank, world = _dist()
     total = len(dataset) if max_images is None else min(len(dataset), max_images)
     indices = list(range(rank, total, world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
                                          num_workers=num_workers, collate_fn=_identity)
     metrics = SegMetrics(space)
-    was_training = model.training
-    model.to(device).eval()
+    net = prepare_model(model, device) if fast else copy.deepcopy(model).to(device).eval()
     times = {"load": 0.0, "inference": 0.0, "metrics": 0.0}
     from tqdm import tqdm
 
@@ -148,7 +152,7 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
             image, label, instances = _unpack(sample)
             x = to_input(image).to(device)
             t1 = time.perf_counter()
-            pred = predict(model, x[0], settings.scales, settings.flip, settings.sliding, mapping=mapping,
+            pred = predict(net, x[0], settings.scales, settings.flip, settings.sliding, mapping=mapping,
                            amp=settings.amp)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -164,7 +168,6 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
             t = time.perf_counter()
     finally:
         bar.close()
-        model.train(was_training)
     metrics.all_reduce()
     result = metrics.compute()
     times["total"] = time.perf_counter() - start

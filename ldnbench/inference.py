@@ -14,9 +14,59 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 #: The multi-scale test of the paper's era: scales relative to the input, each also flipped.
 MS_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CUDA with bf16, or a CPU oneDNN runs bf16 on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc keep freed large blocks in the heap for reuse (process-wide); True if applied.
+
+    By default every buffer over 32 MB (each activation of a megapixel forward) is a fresh ``mmap``
+    whose pages the kernel zero-fills on first touch, and is unmapped again when freed. On the 2-core
+    VM of the README that page-fault work was a third of an LDN121 forward at 1024×2048 (3.1 s →
+    2.0 s with reuse). The price is that the process keeps its peak heap resident. A no-op returning
+    False where glibc's ``mallopt`` is missing (macOS, musl) or refuses.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # newer glibc caps the threshold at 32 MiB (HEAP_MAX_SIZE / 2): take the largest it accepts
+    if not any(mallopt(m_mmap_threshold, v) for v in (1 << 30, 1 << 25)):
+        return False
+    return bool(mallopt(m_trim_threshold, 1 << 30))  # and do not hand the heap's top back either
+
+
+def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, channels_last: bool = True,
+                  fold_bn: bool = True, example_size: int = 128) -> nn.Module:
+    """An eval-only copy of ``model`` on ``device`` for fast inference: BatchNorms folded into the
+    convolutions that feed them (:func:`fold_batchnorm`) and channels-last weights (CPU and CUDA
+    convolutions are faster in that layout). The original model is left untouched."""
+    import copy
+
+    device = torch.device(device)
+    net = copy.deepcopy(model).to(device).eval()
+    if fold_bn:
+        try:
+            net, _ = fold_batchnorm(net, torch.randn(1, 3, example_size, example_size, device=device), copy=False)
+        except RuntimeError:  # folding changed the outputs (degenerate statistics): keep the plain model
+            net = copy.deepcopy(model).to(device).eval()
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -80,7 +130,7 @@ def _probs(model: nn.Module, x: torch.Tensor, mapping, sliding: tuple[int, float
 @torch.inference_mode()
 def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
                   sliding: int | tuple[int, float] | None = None, *, mapping=None, channels_last: bool = True,
-                  amp: bool = False) -> torch.Tensor:
+                  amp: bool | None = None) -> torch.Tensor:
     """NxCxHxW class probabilities averaged over ``scales`` x (flip) passes. See :func:`predict`.
 
     Each pass's logits are resized to the input size bilinearly and then softmaxed.
@@ -93,6 +143,7 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
         raise ValueError(f"scales must be positive, got {tuple(scales)}")
     if isinstance(sliding, int):
         sliding = (sliding, 1 / 3)
+    amp = native_bf16(image.device) if amp is None else amp
     h, w = image.shape[-2:]
     acc = None
     n = 0
@@ -111,7 +162,7 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
 
 def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
             sliding: int | tuple[int, float] | None = None, *, mapping=None, channels_last: bool = True,
-            amp: bool = False) -> torch.Tensor:
+            amp: bool | None = None) -> torch.Tensor:
     """Label map (HxW, or NxHxW for a batch; uint8 when C<=255, else int64) at the input resolution.
 
     ``image``: normalised float 3xHxW or Nx3xHxW (see :func:`ldnbench.data.transforms.to_input`) on
@@ -120,7 +171,9 @@ def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.
     softmax probabilities of all passes are averaged. ``sliding``: tile size (or ``(tile,
     overlap)``, default overlap 1/3) to process images larger than the tile by overlapping windows.
     ``mapping``: a :class:`~ldnbench.data.labels.LabelMapping` applied to every pass's logits.
-    ``amp``: bfloat16 autocast (off by default: CPUs without native bf16 get slower).
+    ``amp``: bfloat16 autocast; ``None`` (default) = where the device computes bf16 natively
+    (:func:`native_bf16`; emulated bf16 is slower than fp32). For the fastest passes give a model
+    prepared by :func:`prepare_model` (BN folded, channels-last).
     """
     single = image.dim() == 3
     if tuple(scales) == (1.0,) and not flip and sliding is None:
@@ -129,7 +182,7 @@ def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.
             x = image.unsqueeze(0) if single else image
             if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
                 raise ValueError(f"expected a normalised float Nx3xHxW image, got {tuple(x.shape)} {x.dtype}")
-            scores = _forward(model, x, mapping, channels_last, amp)
+            scores = _forward(model, x, mapping, channels_last, native_bf16(x.device) if amp is None else amp)
     else:
         scores = predict_probs(model, image, scales, flip, sliding, mapping=mapping,
                                channels_last=channels_last, amp=amp)
@@ -137,3 +190,85 @@ def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.
     if scores.shape[1] <= 255:
         labels = labels.to(torch.uint8)
     return labels[0] if single else labels
+
+
+# ------------------------------------------------------------------ eval-time BatchNorm folding
+def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+class _UseCounter(TorchDispatchMode):
+    """Counts, per tensor storage, how many aten ops read it.
+
+    Every result is kept alive until the probe ends, so that no address is reused by another tensor.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.uses: dict[int, int] = {}
+        self.keep: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(a, torch.Tensor):
+                ptr = a.untyped_storage().data_ptr()
+                self.uses[ptr] = self.uses.get(ptr, 0) + 1
+        out = func(*args, **(kwargs or {}))
+        self.keep.append(out)
+        return out
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-3, *,
+                   copy: bool = True) -> tuple[nn.Module, int]:
+    """An eval-only copy of ``model`` (``copy=False``: ``model`` itself) in which every BatchNorm whose
+    input is the output of a Conv2d, read by nothing else, is folded into that convolution (weights
+    scaled, bias added); returns (model, number of folded BatchNorms).
+
+    Pairs are found by running ``example`` once and watching the tensors (so it works for any
+    architecture: the LDN's 1x1 bottleneck → BN of the 3x3 unit, torchvision's conv → bn). Pre-activation
+    BNs that read concatenations or sums stay. The copy's output is checked against the original on
+    ``example``.
+    """
+    import copy as _copy
+
+    model = (_copy.deepcopy(model) if copy else model).eval()
+    calls: dict[nn.Module, list] = {}
+
+    def hook(mod, inp, out):
+        calls.setdefault(mod, []).append((_storage_key(inp[0]), _storage_key(out)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    counter = _UseCounter()
+    try:
+        with torch.inference_mode(), counter:
+            reference = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    conv_by_out = {c[0][1]: m for m, c in calls.items() if isinstance(m, nn.Conv2d) and len(c) == 1}
+    parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    folded = 0
+    for bn, c in calls.items():
+        if not isinstance(bn, nn.BatchNorm2d) or len(c) != 1 or bn.running_var is None:
+            continue
+        conv = conv_by_out.get(c[0][0])
+        if conv is None or counter.uses.get(c[0][0][0], 0) != 1 or id(bn) not in parents:
+            continue
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+                1 / torch.sqrt(bn.running_var + bn.eps)
+            shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bias.detach().clone())
+        parent, name = parents[id(bn)]
+        setattr(parent, name, nn.Identity())
+        folded += 1
+    counter.keep.clear()
+    with torch.inference_mode():
+        out = model(example)
+    ref, got = (reference["out"], out["out"]) if isinstance(reference, dict) else (reference, out)
+    err = (ref - got).abs().max().item()
+    if not err <= atol * max(1.0, ref.abs().max().item()):
+        raise RuntimeError(f"BatchNorm folding changed the output by {err:.3g}; run without folding")
+    return model, folded

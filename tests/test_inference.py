@@ -106,3 +106,66 @@ def test_bad_inputs():
 class _TrainModeNet(PointwiseNet):
     def forward(self, x):
         return (self.conv(x), [])
+
+
+def test_prepare_model_is_a_faster_layout_of_the_same_function():
+    from ldnbench.inference import prepare_model
+    from ldnbench.models import build_model
+
+    model = build_model("ldn121", 5).eval()
+    for m in model.modules():  # non-trivial statistics, so that folding has something to fold
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = prepare_model(model)
+    x = _image(96, 128)
+    with torch.inference_mode():
+        ref, got = model(x), fast(x)
+    assert (ref - got).abs().max() <= 1e-3 * ref.abs().max()
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) < \
+        sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    conv = next(m for m in fast.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    assert torch.equal(predict(fast, x[0]), predict(model, x[0]))
+
+
+def test_amp_default_follows_native_bf16(monkeypatch):
+    import ldnbench.inference as inference
+
+    seen = []
+    monkeypatch.setattr(inference, "_autocast", lambda device, enabled: seen.append(enabled) or torch.autocast(
+        "cpu", enabled=False))
+    monkeypatch.setattr(inference, "native_bf16", lambda device: True)
+    predict(PointwiseNet(), _image()[0])
+    monkeypatch.setattr(inference, "native_bf16", lambda device: False)
+    predict(PointwiseNet(), _image()[0])
+    predict(PointwiseNet(), _image()[0], amp=True)
+    assert seen == [True, False, True]
+
+
+def test_reuse_freed_memory_keeps_freed_buffers_resident(tmp_path):
+    """Process-wide malloc setting: checked in fresh interpreters, with and without it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from ldnbench.inference import reuse_freed_memory\n"
+        "def rss():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024\n"
+        "applied = reuse_freed_memory() if sys.argv[1] == 'on' else None\n"
+        "base = rss()\n"
+        "x = torch.ones(80 * 2**20 // 4)\n"
+        "del x\n"
+        "print(applied, rss() - base)\n")
+    if not __import__("os").path.exists("/proc/self/status"):
+        pytest.skip("needs /proc")
+    on = subprocess.run([sys.executable, str(script), "on"], capture_output=True, text=True, check=True).stdout.split()
+    off = subprocess.run([sys.executable, str(script), "off"], capture_output=True, text=True, check=True).stdout.split()
+    if on[0] != "True":
+        pytest.skip("glibc mallopt not available here")
+    assert int(on[1]) >= 70   # the freed 80 MB stay in the heap for the next tensor
+    assert int(off[1]) < 20   # by default they go back to the kernel
