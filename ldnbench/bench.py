@@ -18,7 +18,11 @@ Peak memory is measured the same way for every policy:
   activation buffers in the heap, so RSS would overstate live memory by whatever the allocator
   hoards. The worker therefore starts with ``MALLOC_MMAP_THRESHOLD_`` fixed (default 1 MiB,
   :attr:`MemoryConfig.malloc_mmap_threshold`), which makes every large tensor an mmap that is
-  returned to the OS on free; this applies only inside the worker process.
+  returned to the OS on free; this applies only inside the worker process. Those fresh mappings are
+  page-faulted in 4 KiB pages, which on a VM costs a third of a step; the worker therefore also
+  asks torch for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, :attr:`MemoryConfig.huge_pages`):
+  buffers of 2 MiB and more are 2 MiB-aligned and ``madvise``\ d, 512 times fewer faults, still
+  returned on free.
 
 ``bench_speed`` times inference (forward pass to logits at input resolution) with warm-up and
 device synchronisation, reports median and inter-quartile range, FPS and achieved GFLOP/s
@@ -225,6 +229,8 @@ class MemoryConfig:
     seed: int = 0
     #: glibc mmap threshold (bytes) set in the worker's environment; None keeps glibc's dynamic one.
     malloc_mmap_threshold: int | None = 2**20
+    #: CPU: transparent huge pages for torch's large buffers in the worker (``THP_MEM_ALLOC_ENABLE``).
+    huge_pages: bool = True
 
 
 @dataclass
@@ -347,6 +353,10 @@ def _worker_env(cfg: MemoryConfig) -> dict[str, str]:
     if cfg.malloc_mmap_threshold is not None:
         # A fixed threshold also switches off glibc's dynamic threshold (see the module docstring).
         env["MALLOC_MMAP_THRESHOLD_"] = str(int(cfg.malloc_mmap_threshold))
+    if cfg.huge_pages:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch's CPU allocator at its first allocation
+    else:
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
     if cfg.threads:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
     return env

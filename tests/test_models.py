@@ -313,3 +313,25 @@ def test_train_step_with_batch_of_one():
     (logits.mean() + sum(a.mean() for a, _ in aux)).backward()
     assert logits.shape == (1, 3, H, W) and len(aux) == 4
     assert model.backbone.conv0.weight.grad is not None
+
+
+def _unique_saved_mb(policy: str, size: int = 128) -> float:
+    """Memory held for backward: every distinct storage autograd keeps, counted once."""
+    torch.manual_seed(0)
+    model = build_model("ldn121-64to4", 19, checkpointing=policy).train()
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(2, 3, size, size))
+    return sum(storages.values()) / 2**20
+
+
+def test_full_checkpointing_keeps_each_feature_map_once():
+    """Block outputs are concatenated inside the transition/upsampling segments, so the unit
+    outputs cached by the unit segments are not kept a second time as one concatenated tensor
+    (that copy was a third of what the full policy kept: 8.0x less than no checkpointing, now 10.3x)."""
+    assert _unique_saved_mb("none") / _unique_saved_mb("cat-1x1-3x3+stem+td+up") > 9.5

@@ -20,6 +20,23 @@ from torch import Tensor, nn
 from ldnbench.models.checkpointing import CheckpointPolicy, maybe_checkpoint
 from ldnbench.models.layers import BatchNorm2d
 
+#: Unit policies whose checkpoint segments start with the concatenation: every unit output is then
+#: cached on its own, and a block's concatenation is only formed inside the segments that read it.
+LAZY_CAT_UNITS = ("cat-1x1", "cat-1x1+3x3", "cat-1x1-3x3")
+
+
+def cat(features: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """A block output given as a tensor or as its list of feature maps, as one tensor."""
+    if isinstance(features, Tensor):
+        return features
+    return features[0] if len(features) == 1 else torch.cat(features, 1)
+
+
+def parts(features: Tensor | list[Tensor]) -> list[Tensor]:
+    """The feature maps of a block output (a list, or one tensor), to pass into a checkpoint segment."""
+    return [features] if isinstance(features, Tensor) else list(features)
+
+
 # depth -> (growth, blocks, initial features), as torchvision / the reference code
 DENSENET_DEPTHS: dict[int, tuple[int, tuple[int, ...], int]] = {
     121: (32, (6, 12, 24, 16), 64),
@@ -97,13 +114,15 @@ class DenseBlock(nn.ModuleDict):
         self.out_channels = cin + n * growth
         self.split_channels = cin + (n // 2) * growth if split else None
 
-    def _run(self, layers: list[DenseLayer], x: Tensor, unit_policy: str) -> Tensor:
+    def _run(self, layers: list[DenseLayer], x: Tensor, unit_policy: str, lazy: bool = False) -> Tensor | list[Tensor]:
         if not torch.is_grad_enabled():
             return self._run_preallocated(layers, x)
         features = [x]
         for layer in layers:
             features.append(layer(features, unit_policy))
-        return torch.cat(features, 1)
+        # lazy: the unit checkpoints cache every feature map already; a concatenation here would
+        # keep all of them a second time (as the input of the transition-down and as a ladder skip)
+        return features if lazy else torch.cat(features, 1)
 
     def _run_preallocated(self, layers: list[DenseLayer], x: Tensor) -> Tensor:
         # Without autograd, write every unit's output into one preallocated tensor instead of
@@ -119,17 +138,20 @@ class DenseBlock(nn.ModuleDict):
             c += self.growth
         return out
 
-    def forward(self, x: Tensor, policy: CheckpointPolicy) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, policy: CheckpointPolicy) -> tuple[Tensor | list[Tensor], Tensor | list[Tensor] | None]:
+        """(block output, split skip or None); with a unit policy from :data:`LAZY_CAT_UNITS` in
+        training both are lists of feature maps (see :func:`cat`)."""
         layers = list(self.values())
         unit = "none" if policy.unit == "block" else policy.unit
         ckpt = self.training and policy.unit == "block"
-        parts = [layers] if self.split_at is None else [layers[:self.split_at], layers[self.split_at:]]
+        lazy = self.training and unit in LAZY_CAT_UNITS and torch.is_grad_enabled()
+        halves = [layers] if self.split_at is None else [layers[:self.split_at], layers[self.split_at:]]
         skip = None
-        for i, part in enumerate(parts):
+        for i, half in enumerate(halves):
             if i == 1:
                 skip = x
-                x = F.avg_pool2d(x, 2, 2)
-            x = maybe_checkpoint(ckpt, lambda t, p=part: self._run(p, t, unit), x, modules=part)
+                x = maybe_checkpoint(lazy, lambda *fs: F.avg_pool2d(cat(fs), 2, 2), *parts(x), modules=[])
+            x = maybe_checkpoint(ckpt, lambda t, p=half: self._run(p, t, unit, lazy), x, modules=half)
         return x, skip
 
 
@@ -194,7 +216,9 @@ class DenseNetBackbone(nn.Module):
             s = F.relu(self.norm0(s), inplace=True)
         return self.pool0(s), s
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor | list[Tensor]]]:
+        """(last block output, skips fine → coarse); in training with a unit policy from
+        :data:`LAZY_CAT_UNITS` a skip may be a list of feature maps (see :func:`cat`)."""
         p = self.policy
         x, stem = maybe_checkpoint(p.stem and self.training, self._stem, x,
                                    modules=[self.conv0] + ([self.norm0] if self.cfg.bottleneck_always else []))
@@ -207,7 +231,9 @@ class DenseNetBackbone(nn.Module):
                 skips.append(split_skip)
             if i < n_blocks - 1:
                 td = getattr(self, f"transition{i + 1}")
+                if not p.td:
+                    x = cat(x)  # one concatenation, shared by the skip and the transition's saved input
                 if self.cfg.strides[i] > 1:
                     skips.append(x)
-                x = maybe_checkpoint(p.td and self.training, td, x, modules=[td])
-        return x, skips
+                x = maybe_checkpoint(p.td and self.training, lambda *fs, td=td: td(cat(fs)), *parts(x), modules=[td])
+        return cat(x), skips

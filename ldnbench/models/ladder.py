@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ldnbench.models.checkpointing import DEFAULT_TRAIN_POLICY, get_policy, maybe_checkpoint
+from ldnbench.models.densenet import cat, parts
 from ldnbench.models.layers import (
     BNReLUConv,
     PyramidPoolingPSP,
@@ -132,7 +133,8 @@ class LadderNet(nn.Module):
         for i, tu in enumerate(self.ups):
             if self.training and self.aux_heads:
                 aux.append((self.aux_heads[i](y), self.aux_factors[i]))
-            y = maybe_checkpoint(ckpt_up, tu, y, skips[i], modules=[tu])
+            # a skip may be a DenseNet block's list of feature maps: concatenated inside the segment
+            y = maybe_checkpoint(ckpt_up, lambda y, *s, tu=tu: tu(y, cat(s)), y, *parts(skips[i]), modules=[tu])
         logits = maybe_checkpoint(ckpt_up, self.logits, y, modules=[self.logits])
         logits = upsample(logits, (hp, wp))
         if (hp, wp) != (h, w):
