@@ -319,9 +319,9 @@ class SegMetrics:
         sums = []
         for b in range(n_img if inst is not None else 0):  # instance ids are per image
             img = slice(b * h * w, (b + 1) * h * w)
-            hist2, n = self._instance_hist(inst[b], code[img], scratch[img], row_lut)
+            hist2, n, none = self._instance_hist(inst[b], code[img], scratch[img], row_lut)
             if hist2 is not None:
-                sums.append(self._instance_sums(hist2, n))
+                sums.append(self._instance_sums(hist2, n, none))
         # only now: a refused update leaves the state untouched
         self.confusion += counts[:-1].view(k + 1, self._cols)
         self.num_images += n_img
@@ -332,39 +332,51 @@ class SegMetrics:
                 mine += d
 
     def _instance_hist(self, ids: torch.Tensor, code: torch.Tensor, scratch: torch.Tensor,
-                       row_lut: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+                       row_lut: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
         """Histogram of ``flag * n + instance`` (flags: see ``_build_luts``) over the pixels of one HxW
-        image with instance ``ids`` and pixel ``code``\ s, and ``n``; ``code`` is overwritten.
+        image with instance ``ids`` and pixel ``code``\ s, with ``n`` and the instance index that
+        means "no instance"; ``code`` and ``scratch`` are overwritten.
 
         Only row segments that hold an object are counted (objects cover a fifth of a street
-        scene): a cheap gather of whole segments, no per-pixel compaction.
+        scene): a gather of whole segments, no per-pixel compaction. Their ids are shifted so that
+        the smallest becomes 1 (Cityscapes ids start at 24000): a 4x smaller histogram.
         """
         h, w = ids.shape
         if not ids.numel():
-            return None, 0
+            return None, 0, 0
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0:
             raise UserError("instance maps must not hold negative ids (0 = no instance)")
         if hi <= 0:
-            return None, 0
-        if (hi + 1) * (1 + 3 * len(self._inst_classes)) > _MAX_DIRECT_INSTANCE_BINS:
+            return None, 0, 0
+        f = 1 + 3 * len(self._inst_classes)
+        if (hi + 1) * f > _MAX_DIRECT_INSTANCE_BINS:
             uniq, ids = torch.unique(ids, return_inverse=True)  # slow, but bounded memory
             if uniq[0] != 0:  # keep index 0 for "no instance"
                 ids = ids + 1
             hi = int(ids.max())
-        if ids.dtype != torch.int32:
-            ids = ids.to(torch.int32)
-        n = hi + 1
         seg = next((s for s in (32, 16, 8) if w % s == 0), w)
-        has_object = ids.reshape(h, w // seg, seg).amax(2) > 0
-        rows = has_object.any(1).nonzero()
-        r0, r1 = int(rows[0]), int(rows[-1]) + 1  # the band of rows that holds objects
-        bins = scratch[r0 * w:r1 * w]
-        torch.index_select(row_lut * n, 0, code[r0 * w:r1 * w], out=bins)
-        bins.add_(ids[r0:r1].reshape(-1))
-        keep = has_object[r0:r1].reshape(-1).nonzero().squeeze(1)
-        picked = torch.index_select(bins.view(-1, seg), 0, keep, out=code[:keep.numel() * seg].view(-1, seg))
-        return torch.bincount(picked.view(-1), minlength=(1 + 3 * len(self._inst_classes)) * n), n
+        keep = (ids.reshape(-1, seg).amax(1) > 0).nonzero().squeeze(1)
+        m = keep.numel() * seg
+        picked_code = torch.index_select(code.view(-1, seg), 0, keep, out=scratch[:m].view(-1, seg)).view(-1)
+        # ``code`` is free now: the picked ids go there (int32, ours to change in place)
+        x = code[:m].view(-1, seg)
+        if ids.dtype == torch.int32:
+            torch.index_select(ids.reshape(-1, seg), 0, keep, out=x)
+        else:
+            x.copy_(ids.reshape(-1, seg).index_select(0, keep))
+        x = x.view(-1)
+        n, none = hi + 1, 0
+        lowest = int(x.sub_(1).bitwise_and_(0x7FFFFFFF).min()) + 1  # id 0 -> -1 -> INT_MAX: ignored by min
+        if lowest >= 2:
+            top = hi - lowest + 1           # ids lowest..hi -> 1..top; "no instance" (INT_MAX) -> top + 1
+            x.sub_(lowest - 2).clamp_(max=top + 1)
+            n, none = top + 2, top + 1
+        else:
+            x.add_(1).clamp_(min=0)         # back to the ids, 0 = no instance
+        bins = scratch[m:2 * m] if 2 * m <= scratch.numel() else torch.empty_like(x)
+        torch.index_select(row_lut * n, 0, picked_code, out=bins)
+        return torch.bincount(bins.add_(x), minlength=f * n), n, none
 
     def _raise_invalid(self, g: torch.Tensor, p: torch.Tensor, valid_pred: str) -> None:
         k = self.num_classes
@@ -388,15 +400,16 @@ class SegMetrics:
                 torch.tensor([c in self._inst_cats for c in cat_of], device=dev))
         return self._ranks[dev]
 
-    def _instance_sums(self, hist: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-        """Instance-weighted (TP, FN) per class and per category from one image's instance histogram."""
+    def _instance_sums(self, hist: torch.Tensor, n: int, none: int = 0) -> tuple[torch.Tensor, ...]:
+        """Instance-weighted (TP, FN) per class and per category from one image's instance histogram
+        (``n`` instance indices, ``none`` the one of pixels without instance)."""
         r_count = len(self._inst_classes)
         inst_tp, inst_fn = torch.zeros_like(self.inst_tp), torch.zeros_like(self.inst_fn)
         cat_tp_sum, cat_fn_sum = torch.zeros_like(self.cat_tp), torch.zeros_like(self.cat_fn)
         # drop flag 0 (ground truth not of an instance class): (rank, kind, instance)
         per_kind = hist.view(-1, n)[1:].view(r_count, 3, n)
         size_all = per_kind.sum(1)
-        size_all[:, 0] = 0  # instance 0 = no instance
+        size_all[:, none] = 0
         sel = size_all.view(-1).nonzero().squeeze(1)  # one group per (class rank, instance) with pixels
         if not sel.numel():
             return inst_tp, inst_fn, cat_tp_sum, cat_fn_sum
