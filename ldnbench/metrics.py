@@ -23,8 +23,11 @@ place where an ignored *prediction* id matters is category iIoU: predicting ``ca
 prediction codes ``K, K+1, ...`` (after the K classes) are void predictions that belong to the
 given categories (``ldnbench score`` uses them for Cityscapes label-id PNGs).
 
-The update is a few vectorised passes (one lookup table over ``gt*256+pred``, two ``bincount``\\ s)
-on whatever device the tensors live on; numpy arrays are wrapped without copying.
+The update is a few vectorised passes on whatever device the tensors live on: a histogram of
+``lane*65536 + gt*256 + pred`` (four interleaved lanes, so that runs of one label do not serialise
+on one counter) folded into the confusion matrix by a lookup table, and, for iIoU, a histogram of
+``flag*n + instance`` over the row segments that hold objects. Numpy arrays are wrapped without
+copying; per-pixel scratch buffers are reused across updates.
 """
 
 from __future__ import annotations
