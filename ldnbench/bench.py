@@ -21,7 +21,7 @@ Peak memory is measured the same way for every policy:
   returned to the OS on free; this applies only inside the worker process. Those fresh mappings are
   page-faulted in 4 KiB pages, which on a VM costs a third of a step; the worker therefore also
   asks torch for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, :attr:`MemoryConfig.huge_pages`):
-  buffers of 2 MiB and more are 2 MiB-aligned and ``madvise``\ d, 512 times fewer faults, still
+  buffers of 2 MiB and more are 2 MiB-aligned and marked with ``madvise``, 512 times fewer faults, still
   returned on free.
 
 ``bench_speed`` times inference (forward pass to logits at input resolution) with warm-up and

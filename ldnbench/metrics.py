@@ -337,7 +337,7 @@ class SegMetrics:
     def _instance_hist(self, ids: torch.Tensor, code: torch.Tensor, scratch: torch.Tensor,
                        row_lut: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
         """Histogram of ``flag * n + instance`` (flags: see ``_build_luts``) over the pixels of one HxW
-        image with instance ``ids`` and pixel ``code``\ s, with ``n`` and the instance index that
+        image with instance ``ids`` and pixel codes ``code``, with ``n`` and the instance index that
         means "no instance"; ``code`` and ``scratch`` are overwritten.
 
         Only row segments that hold an object are counted (objects cover a fifth of a street
