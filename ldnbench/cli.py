@@ -453,18 +453,21 @@ def _bench_outputs(record: dict, rows: list[dict], out: str | None, json_out: st
                    "0 keeps glibc's dynamic default.")
 @click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
               help="CPU: transparent huge pages for the workers' large tensors (far fewer page faults).")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Train in the channels-last memory format (weights and input batch).")
 @click.option("--json", "json_out", default=None, metavar="OUT",
               help="Also write the rows [{policy, peak_mb, images_per_s, max_batch}] to OUT.")
 @click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
 def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps, warmup, find_max_batch,
-                     num_classes, threads, mmap_threshold, huge_pages, json_out, out):
+                     num_classes, threads, mmap_threshold, huge_pages, channels_last, json_out, out):
     """Peak training memory and images/s per checkpointing policy, each in a fresh process."""
     from ldnbench import bench as B
 
     cfg = B.MemoryConfig(model=B.resolve_bench_model(model, down, up), num_classes=num_classes, crop=crop,
                          batch_size=batch_size, steps=steps, warmup=warmup, device=device,
                          find_max_batch=find_max_batch, threads=threads,
-                         malloc_mmap_threshold=mmap_threshold or None, huge_pages=huge_pages)
+                         malloc_mmap_threshold=mmap_threshold or None, huge_pages=huge_pages,
+                         channels_last=channels_last)
     run_id = None
 
     def save(partial):  # after every policy: an interrupted long run keeps what it measured

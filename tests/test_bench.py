@@ -163,3 +163,13 @@ def test_fold_batchnorm_keeps_outputs_and_folds_only_conv_fed_bns():
         ref, got = model(x), folded(x)
     assert torch.allclose(ref, got, atol=1e-3 * ref.abs().max().item())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # the original is untouched
+
+
+def test_memory_channels_last_option_trains_in_that_layout():
+    cfg = B.MemoryConfig(model="ldn121-64to4", crop=64, batch_size=1, steps=1, warmup=0, threads=1)
+    assert cfg.channels_last  # the default
+    x, _ = B._train_batch(cfg, 1, "cpu")
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert B._train_batch(B.MemoryConfig(channels_last=False, crop=64), 1, "cpu")[0].is_contiguous()
+    row = B.run_policy_subprocess(cfg, "cat-1x1-3x3+stem+td+up")
+    assert row.error is None and row.peak_mb > 0 and row.images_per_s > 0
