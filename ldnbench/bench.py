@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ldnbench.errors import UserError
-from ldnbench.inference import fold_batchnorm, reuse_freed_memory
+from ldnbench.inference import prepare_model, reuse_freed_memory
 from ldnbench.models.checkpointing import POLICIES as _MODEL_POLICIES
 
 #: Checkpointing policies of paper Table 11, in the table's order (the model zoo's names).
@@ -607,13 +607,10 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 def _prepare(model: nn.Module, cfg: SpeedConfig, device: str) -> tuple[nn.Module, int]:
-    model = model.to(device).eval()
-    folded = 0
-    if cfg.fold_bn:
-        model, folded = fold_batchnorm(model, torch.randn(1, 3, 128, 128, device=device))
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, folded
+    """The model as ``eval`` runs it (:func:`~ldnbench.inference.prepare_model`) and how many BNs were folded."""
+    net = prepare_model(model, device, channels_last=cfg.channels_last, fold_bn=cfg.fold_bn)
+    bns = lambda m: sum(isinstance(x, nn.BatchNorm2d) for x in m.modules())  # noqa: E731
+    return net, bns(model) - bns(net)
 
 
 def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: float | None) -> SpeedRow:

@@ -126,6 +126,12 @@ def _parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
+#: Shared by the commands that run model inference on CPU (see ldnbench.inference.reuse_freed_memory).
+_heap_reuse_option = click.option(
+    "--heap-reuse/--no-heap-reuse", default=True, show_default=True,
+    help="CPU: keep freed large buffers in the heap instead of page-faulting fresh ones (glibc).")
+
+
 @main.command("eval")
 @click.option("--model", "model_name", default=None, help="Model name or alias (default: read from the checkpoint).")
 @click.option("--checkpoint", required=True, type=click.Path(), help="Trainer checkpoint (last.pt/best.pt) or state dict.")
@@ -141,8 +147,7 @@ def _parse_scales(text: str) -> tuple[float, ...]:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--amp/--no-amp", default=None,
               help="bfloat16 autocast [default: on where the device computes bf16 natively, else off].")
-@click.option("--heap-reuse/--no-heap-reuse", default=True, show_default=True,
-              help="CPU: keep freed large buffers in the heap instead of page-faulting fresh ones (glibc).")
+@_heap_reuse_option
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data-loading processes.")
 @click.option("--out", type=click.Path(), default=None,
@@ -498,8 +503,7 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
                    "deeplabv3_resnet50,fcn_resnet50,lraspp_mobilenet_v3_large (random weights).")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold BatchNorms that read only a conv's output into that conv (every timed model).")
-@click.option("--heap-reuse/--no-heap-reuse", default=True, show_default=True,
-              help="CPU: keep freed large buffers in the heap instead of page-faulting fresh ones (glibc).")
+@_heap_reuse_option
 @click.option("--runs", type=int, default=5, show_default=True, help="Timed forwards per model.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed forwards first per model.")
 @click.option("--num-classes", type=int, default=19, show_default=True)

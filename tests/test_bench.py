@@ -136,6 +136,7 @@ def test_speed_rows_and_json_schema(cli_runner, tmp_path):
 def test_fold_batchnorm_keeps_outputs_and_folds_only_conv_fed_bns():
     from torch import nn
 
+    from ldnbench.inference import fold_batchnorm
     from ldnbench.models import build_model
     from ldnbench.models.densenet import DenseLayer
     from ldnbench.models.layers import TransitionUp
@@ -150,7 +151,7 @@ def test_fold_batchnorm_keeps_outputs_and_folds_only_conv_fed_bns():
             m.bias.data.uniform_(-0.5, 0.5)
     model.eval()
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    folded, n = B.fold_batchnorm(model, torch.randn(1, 3, 128, 128))
+    folded, n = fold_batchnorm(model, torch.randn(1, 3, 128, 128))
     # Foldable: the BN after each unit's 1x1 bottleneck, and the BN of each TU blend after its 1x1.
     # Pre-activation BNs reading concatenations, sums or pooled tensors must stay.
     expected = sum(isinstance(m, DenseLayer) and m.has_bottleneck for m in model.modules()) + \
