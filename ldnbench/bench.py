@@ -57,6 +57,7 @@ from torch import nn
 
 from ldnbench.errors import UserError
 from ldnbench.inference import prepare_model, reuse_freed_memory
+from ldnbench.runtime import autocast, check_precision, resolve_device
 from ldnbench.models.checkpointing import POLICIES as _MODEL_POLICIES
 
 #: Checkpointing policies of paper Table 11, in the table's order (the model zoo's names).
@@ -86,14 +87,8 @@ _MB = 2**20
 
 
 def check_device(device: str) -> str:
-    """``cpu`` / ``cuda`` / ``cuda:N`` after checking it exists (UserError otherwise)."""
-    if device == "cpu":
-        return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("CUDA is not available on this machine (torch sees no GPU); use --device cpu.", 2)
-        return device
-    raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N.", 2)
+    """``cpu`` / ``cuda:N`` after checking it exists (UserError otherwise); see :func:`ldnbench.runtime.resolve_device`."""
+    return str(resolve_device(device))
 
 
 def _sync(device: str) -> None:
@@ -279,6 +274,12 @@ def _make_step(model: nn.Module, loss_fn: Callable, opt: torch.optim.Optimizer) 
     return step
 
 
+def _is_allocation_failure(e: BaseException) -> bool:
+    text = str(e)
+    return any(k in text for k in ("out of memory", "ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED",
+                                   "CUDNN_STATUS_INTERNAL_ERROR", "32-bit index", "canUse32BitIndexMath"))
+
+
 def _find_max_batch(cfg: MemoryConfig, step: Callable, device: str) -> tuple[int | None, str | None]:
     """Largest batch for which one training step fits on the GPU: doubling, then bisection."""
     if not device.startswith("cuda"):
@@ -286,6 +287,8 @@ def _find_max_batch(cfg: MemoryConfig, step: Callable, device: str) -> tuple[int
                       "swaps or gets the process OOM-killed instead of failing cleanly")
 
     def fits(b: int) -> bool:
+        if b * cfg.num_classes * cfg.crop * cfg.crop >= 2**31:
+            return False  # logits past 2^31 elements exceed the 32-bit indexing of many CUDA kernels
         x = y = None
         try:
             x, y = _train_batch(cfg, b, device)
@@ -294,6 +297,10 @@ def _find_max_batch(cfg: MemoryConfig, step: Callable, device: str) -> tuple[int
             return True
         except torch.cuda.OutOfMemoryError:
             return False
+        except RuntimeError as e:  # cuBLAS/cuDNN report failed allocations as their own errors
+            if _is_allocation_failure(e):
+                return False
+            raise
         finally:
             del x, y
             gc.collect()
@@ -312,7 +319,8 @@ def _find_max_batch(cfg: MemoryConfig, step: Callable, device: str) -> tuple[int
     return lo, None
 
 
-def measure_policy(cfg: MemoryConfig, policy: str) -> MemoryRow:
+def measure_policy(cfg: MemoryConfig, policy: str,
+                   on_measured: Callable[["MemoryRow"], None] | None = None) -> MemoryRow:
     """Train ``cfg.warmup + cfg.steps`` steps with ``policy`` in THIS process and measure them.
 
     Call it in a fresh process (as :func:`bench_memory` does) for numbers comparable across policies.
@@ -354,6 +362,8 @@ def measure_policy(cfg: MemoryConfig, policy: str) -> MemoryRow:
                     baseline_mb=round(meter.baseline_mb, 1), method=meter.method, pid=os.getpid())
     if cfg.find_max_batch:
         del x, y
+        if on_measured is not None:
+            on_measured(row)  # a search that kills the process must not take the measured peak with it
         row.max_batch, row.max_batch_note = _find_max_batch(cfg, step, device)
     return row
 
@@ -389,6 +399,10 @@ def run_policy_subprocess(cfg: MemoryConfig, policy: str, timeout: float | None 
             return MemoryRow(policy, None, None, error=f"worker timed out after {timeout:.0f} s")
         if proc.returncode == 0 and out.exists():
             return MemoryRow(**json.loads(out.read_text()))
+        if out.exists():  # died in the max-batch search: the measured row survives
+            row = MemoryRow(**json.loads(out.read_text()))
+            row.max_batch_note = f"{row.max_batch_note} (worker exit {proc.returncode})"
+            return row
         if proc.returncode < 0:
             reason = f"worker killed by signal {-proc.returncode}"
             if proc.returncode == -9:
@@ -505,7 +519,8 @@ class SpeedConfig:
     size: tuple[int, int] = (1024, 2048)
     batch_size: int = 1
     device: str = "cpu"
-    amp: bool = False
+    #: fp32 unless bf16/fp16 is asked for by name (ldnbench.runtime)
+    precision: str = "fp32"
     channels_last: bool = True
     compare: tuple[str, ...] = ()
     runs: int = 5
@@ -560,13 +575,6 @@ def build_compare_model(name: str, num_classes: int) -> nn.Module:
     return _LogitsOnly(getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=num_classes))
 
 
-def _autocast(device: str, amp: bool):
-    if not amp:
-        return contextlib.nullcontext()
-    dev = "cuda" if device.startswith("cuda") else "cpu"
-    return torch.autocast(dev, dtype=torch.float16 if dev == "cuda" else torch.bfloat16)
-
-
 def image_gmac(make: Callable[[], nn.Module], height: int, width: int) -> float:
     """GMAC of one ``1x3xHxW`` eval forward, counted by the zoo's counter on the meta device.
 
@@ -581,10 +589,10 @@ def image_gmac(make: Callable[[], nn.Module], height: int, width: int) -> float:
 
 
 def time_model(model: nn.Module, x: torch.Tensor, *, runs: int, warmup: int, device: str,
-               amp: bool = False) -> tuple[list[float], list[float]]:
+               precision: str = "fp32") -> tuple[list[float], list[float]]:
     """(wall-clock latencies, process CPU times) in seconds of ``runs`` forwards after ``warmup``
     untimed ones, device-synchronised. CPU time (all threads) does not depend on other load."""
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), autocast(precision, device):
         for _ in range(warmup):
             model(x)
         _sync(device)
@@ -619,7 +627,7 @@ def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: 
     x = torch.randn(cfg.batch_size, 3, h, w, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    times, cpu = time_model(model, x, runs=cfg.runs, warmup=cfg.warmup, device=device, amp=cfg.amp)
+    times, cpu = time_model(model, x, runs=cfg.runs, warmup=cfg.warmup, device=device, precision=cfg.precision)
     med = statistics.median(times)
     ms = [t * 1000 for t in times]
     return SpeedRow(
@@ -648,6 +656,7 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
 
     compare = resolve_compare(list(cfg.compare))  # before any work: a typo must not cost a run
     device = check_device(cfg.device)
+    check_precision(cfg.precision, device)
     if cfg.runs < 1 or cfg.warmup < 1 or cfg.batch_size < 1:
         raise UserError("--runs, --warmup and --batch-size must be at least 1.", 2)
     if cfg.threads:
@@ -703,7 +712,7 @@ def format_speed_table(result: SpeedResult) -> str:
                      f"{gm:>8} {gf:>8} {r.relative_latency:>8.2f} {r.cpu_ms_median or 0:>9.0f} {xc:>8}")
     cfg = result.config
     lines.append(f"input {cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]}, {cfg.device}, "
-                 f"{'bf16/fp16 autocast' if cfg.amp else 'fp32'}, "
+                 f"{cfg.precision}, "
                  f"{'BN folded into convs' if cfg.fold_bn else 'BN not folded'}, "
                  f"{'freed memory reused' if result.heap_reuse else 'freed memory returned to the OS'}, "
                  f"{'channels-last' if cfg.channels_last else 'NCHW'}, {torch.get_num_threads()} threads; "
@@ -724,14 +733,18 @@ def _worker_main(argv: list[str]) -> int:
     w.add_argument("--config", required=True, help="MemoryConfig as JSON")
     w.add_argument("--out", required=True, help="file to write the MemoryRow JSON to")
     args = parser.parse_args(argv)
+    from ldnbench.fileio import atomic_write_json
+
     cfg = MemoryConfig(**json.loads(args.config))
+
+    def partial(row: MemoryRow) -> None:
+        atomic_write_json(args.out, {**asdict(row), "max_batch_note": "the max-batch search did not finish"})
+
     try:
-        row = measure_policy(cfg, args.policy)
+        row = measure_policy(cfg, args.policy, on_measured=partial)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    from ldnbench.fileio import atomic_write_json
-
     atomic_write_json(args.out, asdict(row))
     return 0
 

@@ -132,6 +132,12 @@ _heap_reuse_option = click.option(
     help="CPU: keep freed large buffers in the heap instead of page-faulting fresh ones (glibc).")
 
 
+#: Inference precision of every command that reports a number; fp32 unless asked (ldnbench.runtime).
+_precision_option = click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+    help="Inference precision; bf16/fp16 autocast only when asked (fp16 needs CUDA).")
+
+
 @main.command("eval")
 @click.option("--model", "model_name", default=None, help="Model name or alias (default: read from the checkpoint).")
 @click.option("--checkpoint", required=True, type=click.Path(), help="Trainer checkpoint (last.pt/best.pt) or state dict.")
@@ -145,15 +151,14 @@ _heap_reuse_option = click.option(
               help="Tile size for sliding-window inference on very large images (1/3 overlap).")
 @click.option("--label-space", default=None, help="Label space of a bare state dict (default: the dataset's).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--amp/--no-amp", default=None,
-              help="bfloat16 autocast [default: on where the device computes bf16 natively, else off].")
+@_precision_option
 @_heap_reuse_option
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data-loading processes.")
 @click.option("--out", type=click.Path(), default=None,
               help="Result record path (.json) or folder [default: results/eval/<model>-<dataset>-<split>-<run>.json].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sliding, label_space, device, amp,
+def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sliding, label_space, device, precision,
              heap_reuse, max_images, workers, out, quiet):
     """Evaluate a checkpoint on a dataset split: per-class table and a JSON result record.
 
@@ -163,34 +168,23 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
 
     from ldnbench.data.labels import get_mapping
     from ldnbench.data.registry import get_dataset
-    from ldnbench.evaluate import evaluate, init_distributed, load_eval_model
+    from ldnbench.evaluate import evaluate, load_eval_model
     from ldnbench.inference import MS_SCALES, reuse_freed_memory
     from ldnbench.report.records import write_record
+    from ldnbench.runtime import Distributed, check_precision, resolve_device
 
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu", 2)
+    dev = resolve_device(device)
+    check_precision(precision, dev)
     ds = get_dataset(dataset, root, split)
-    if heap_reuse and device == "cpu":
+    if heap_reuse and dev.type == "cpu":
         reuse_freed_memory()
     model, space, model_options = load_eval_model(checkpoint, model_name, label_space or ds.label_space.name)
     mapping = None if space in (None, ds.label_space.name) else get_mapping(space, ds.label_space)
     scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
-    created = init_distributed(device)
-    try:
-        res = evaluate(model, ds, mapping=mapping, scales=scale_list, flip=flip, sliding=sliding, device=device,
-                       amp=amp, progress=not quiet, num_workers=workers, max_images=max_images)
-    finally:
-        if created:
-            import torch.distributed as dist
-
-            rank = dist.get_rank()
-            dist.destroy_process_group()
-        else:
-            rank = 0
-    if rank != 0:
+    with Distributed(dev) as d:
+        res = evaluate(model, ds, mapping=mapping, scales=scale_list, flip=flip, sliding=sliding, device=dev,
+                       precision=precision, progress=not quiet, num_workers=workers, max_images=max_images)
+    if not d.is_main:
         return
     rec = res.to_record(model=model.name, model_options=model_options, dataset=dataset, root=ds.root, split=split,
                         checkpoint=str(checkpoint), model_label_space=space or ds.label_space.name)
@@ -260,14 +254,15 @@ def score_cmd(dataset, root, split, pred_dir, pred_format, json_out, workers, qu
 @click.option("--ckpt", default=None, help="Gradient-checkpointing policy [default: the model's training default].")
 @click.option("--amp", default=None, is_flag=False, flag_value="auto",
               type=click.Choice(["none", "auto", "bf16", "fp16"]),
-              help="Mixed precision; --amp alone = auto (bf16 on CPU, bf16/fp16 on CUDA).")
+              help="Training mixed precision [default: none]; --amp alone = auto (bf16 on CPU, fp16 on CUDA, on every "
+                   "machine). Validation always runs in fp32.")
 @click.option("--no-bn-recompute", is_flag=True, help="Keep the moving-average BatchNorm statistics.")
 @click.option("--val-every", type=int, default=None, help="Validate every N epochs, 0 = only at the end [default: 10].")
 @click.option("--val-limit", type=int, default=None, help="Validate on the first N images only (smoke runs).")
 @click.option("--save-every", type=int, default=None, help="Write last.pt every N iterations [default: 500].")
 @click.option("--max-iters", type=int, default=None, help="Stop after N iterations in total (smoke runs).")
 @click.option("--seed", type=int, default=None, help="[default: 0]")
-@click.option("--workers", type=int, default=None, help="DataLoader workers per process [default: 4].")
+@click.option("--workers", type=int, default=None, help="DataLoader workers per process [default: min(4, usable CPUs)].")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto].")
 @click.option("--out", default=None, help="Run folder [default: results/<model>-<dataset>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
@@ -495,7 +490,7 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--size", default="1024x2048", show_default=True, help="Input HEIGHTxWIDTH (or one side).")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--amp", is_flag=True, help="Autocast: bf16 on CPU, fp16 on CUDA.")
+@_precision_option
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Channels-last memory format for weights and input.")
 @click.option("--compare", default="", metavar="NAMES",
@@ -510,14 +505,14 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--json", "json_out", default=None, metavar="OUT", help="Also write the rows as a JSON list to OUT.")
 @click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
-def bench_speed_cmd(model, size, batch_size, device, amp, channels_last, compare, fold_bn, heap_reuse, runs, warmup,
+def bench_speed_cmd(model, size, batch_size, device, precision, channels_last, compare, fold_bn, heap_reuse, runs, warmup,
                     num_classes, threads, json_out, out):
     """Inference latency (median, IQR), FPS and GFLOP/s, beside torchvision models."""
     from ldnbench import bench as B
 
     names = tuple(B.resolve_compare(compare))  # first: a typo must fail before anything is built
     cfg = B.SpeedConfig(model=B.resolve_bench_model(model), num_classes=num_classes, size=B.parse_size(size),
-                        batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
+                        batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
                         compare=names, fold_bn=fold_bn, heap_reuse=heap_reuse, runs=runs, warmup=warmup,
                         threads=threads)
     result = B.bench_speed(cfg, progress=lambda m: click.echo(m, err=True))

@@ -20,7 +20,8 @@ from torch import nn
 from ldnbench.data.labels import LabelSpace
 from ldnbench.data.transforms import to_input
 from ldnbench.errors import UserError
-from ldnbench.inference import native_bf16, predict, prepare_model
+from ldnbench.inference import predict, prepare_model
+from ldnbench.runtime import check_precision, get_rank, get_world_size, synchronize
 from ldnbench.metrics import MetricResult, SegMetrics
 
 
@@ -29,7 +30,7 @@ class EvalSettings:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     sliding: tuple[int, float] | None = None
-    amp: bool = False
+    precision: str = "fp32"
 
 
 @dataclass
@@ -100,24 +101,16 @@ def _unpack(sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return image, label, rest[0] if rest else None
 
 
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float] = (1.0,), flip: bool = False,
              sliding: int | tuple[int, float] | None = None, device: str | torch.device = "cpu",
-             amp: bool | None = None, progress: bool = True, num_workers: int = 0,
+             precision: str = "fp32", progress: bool = True, num_workers: int = 0,
              max_images: int | None = None, fast: bool = True) -> EvalResult:
     """Evaluate ``model`` on every sample of ``dataset`` (or its first ``max_images``).
 
     ``mapping`` (:func:`ldnbench.data.labels.get_mapping`) turns the model's logits into the
     dataset's label space; without it the model must predict exactly the dataset's classes.
-    ``scales``/``flip``/``sliding``/``amp`` go to :func:`ldnbench.inference.predict` (``amp=None``:
-    bf16 where the device computes it natively). ``fast``: run an eval-only copy with BatchNorms
+    ``scales``/``flip``/``sliding``/``precision`` go to :func:`ldnbench.inference.predict`
+    (``precision``: ``fp32`` unless ``bf16``/``fp16`` is asked for). ``fast``: run an eval-only copy with BatchNorms
     folded and channels-last weights (:func:`ldnbench.inference.prepare_model`); ``model`` itself is
     never modified.
     """
@@ -129,9 +122,8 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
     if isinstance(sliding, int):
         sliding = (sliding, 1 / 3)
     device = torch.device(device)
-    amp = native_bf16(device) if amp is None else bool(amp)
-    settings = EvalSettings(tuple(float(s) for s in scales), bool(flip), sliding, amp)
-    rank, world = _dist()
+    settings = EvalSettings(tuple(float(s) for s in scales), bool(flip), sliding, check_precision(precision, device))
+    rank, world = get_rank(), get_world_size()
     total = len(dataset) if max_images is None else min(len(dataset), max_images)
     indices = list(range(rank, total, world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
@@ -151,9 +143,8 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
             x = to_input(image).to(device)
             t1 = time.perf_counter()
             pred = predict(net, x[0], settings.scales, settings.flip, settings.sliding, mapping=mapping,
-                           amp=settings.amp)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                           precision=settings.precision)
+            synchronize(device)
             t2 = time.perf_counter()
             target = torch.as_tensor(np.asarray(label)).to(device)
             inst = torch.as_tensor(np.asarray(instances)).to(device) if instances is not None else None

@@ -7,7 +7,6 @@ with several scales and/or flips it averages the softmax probabilities of every 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -16,17 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ldnbench.runtime import autocast
+
 #: The multi-scale test of the paper's era: scales relative to the input, each also flipped.
 MS_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
-
-
-def native_bf16(device: str | torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (CUDA with bf16, or a CPU oneDNN runs bf16 on)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
-        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def reuse_freed_memory() -> bool:
@@ -63,22 +55,21 @@ def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, chann
     net = copy.deepcopy(model).to(device).eval()
     if fold_bn:
         try:
-            net, _ = fold_batchnorm(net, torch.randn(1, 3, example_size, example_size, device=device), copy=False)
-        except RuntimeError:  # folding changed the outputs (degenerate statistics): keep the plain model
+            # a private generator: preparing a model must not move the caller's random stream
+            example = torch.randn(1, 3, example_size, example_size, generator=torch.Generator().manual_seed(0))
+            net, _ = fold_batchnorm(net, example.to(device), copy=False)
+        except RuntimeError as e:  # folding changed the outputs (degenerate statistics): keep the plain model
+            import warnings
+
+            warnings.warn(f"{e}; running the model with its BatchNorms unfolded", RuntimeWarning, stacklevel=2)
             net = copy.deepcopy(model).to(device).eval()
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _forward(model: nn.Module, x: torch.Tensor, mapping, channels_last: bool, amp: bool) -> torch.Tensor:
+def _forward(model: nn.Module, x: torch.Tensor, mapping, channels_last: bool, precision: str) -> torch.Tensor:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(x.device, amp):
+    with autocast(precision, x.device):
         out = model(x)
     if isinstance(out, (tuple, list)):  # a model left in train mode returns (logits, aux)
         raise ValueError("predict() needs the model in eval() mode")
@@ -97,7 +88,7 @@ def _window_starts(size: int, tile: int, stride: int) -> list[int]:
 
 
 def _probs(model: nn.Module, x: torch.Tensor, mapping, sliding: tuple[int, float] | None,
-           channels_last: bool, amp: bool, out_size: tuple[int, int]) -> torch.Tensor:
+           channels_last: bool, precision: str, out_size: tuple[int, int]) -> torch.Tensor:
     """Softmax probabilities at ``out_size``, by whole image or by overlapping tiles.
 
     Whole image: logits are resized first, then softmaxed (at scale 2 this keeps one C x H x W map
@@ -105,7 +96,7 @@ def _probs(model: nn.Module, x: torch.Tensor, mapping, sliding: tuple[int, float
     """
     h, w = x.shape[-2:]
     if sliding is None or (h <= sliding[0] and w <= sliding[0]):
-        logits = _forward(model, x, mapping, channels_last, amp)
+        logits = _forward(model, x, mapping, channels_last, precision)
         if (h, w) != out_size:
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
         return logits.softmax(1)
@@ -116,7 +107,7 @@ def _probs(model: nn.Module, x: torch.Tensor, mapping, sliding: tuple[int, float
     for y in _window_starts(h, tile, stride):
         for x0 in _window_starts(w, tile, stride):
             crop = x[..., y:y + tile, x0:x0 + tile]
-            p = _forward(model, crop, mapping, channels_last, amp).softmax(1)
+            p = _forward(model, crop, mapping, channels_last, precision).softmax(1)
             if total is None:
                 total = torch.zeros(x.shape[0], p.shape[1], h, w, device=x.device)
             total[..., y:y + tile, x0:x0 + tile] += p
@@ -130,7 +121,7 @@ def _probs(model: nn.Module, x: torch.Tensor, mapping, sliding: tuple[int, float
 @torch.inference_mode()
 def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
                   sliding: int | tuple[int, float] | None = None, *, mapping=None, channels_last: bool = True,
-                  amp: bool | None = None) -> torch.Tensor:
+                  precision: str = "fp32") -> torch.Tensor:
     """NxCxHxW class probabilities averaged over ``scales`` x (flip) passes. See :func:`predict`.
 
     Each pass's logits are resized to the input size bilinearly and then softmaxed.
@@ -143,7 +134,6 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
         raise ValueError(f"scales must be positive, got {tuple(scales)}")
     if isinstance(sliding, int):
         sliding = (sliding, 1 / 3)
-    amp = native_bf16(image.device) if amp is None else amp
     h, w = image.shape[-2:]
     acc = None
     n = 0
@@ -152,7 +142,7 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
         x = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         for flipped in ((False, True) if flip else (False,)):
             xi = x.flip(-1) if flipped else x
-            p = _probs(model, xi, mapping, sliding, channels_last, amp, (h, w))
+            p = _probs(model, xi, mapping, sliding, channels_last, precision, (h, w))
             if flipped:
                 p = p.flip(-1)
             acc = p if acc is None else acc.add_(p)
@@ -162,7 +152,7 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
 
 def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
             sliding: int | tuple[int, float] | None = None, *, mapping=None, channels_last: bool = True,
-            amp: bool | None = None) -> torch.Tensor:
+            precision: str = "fp32") -> torch.Tensor:
     """Label map (HxW, or NxHxW for a batch; uint8 when C<=255, else int64) at the input resolution.
 
     ``image``: normalised float 3xHxW or Nx3xHxW (see :func:`ldnbench.data.transforms.to_input`) on
@@ -171,8 +161,8 @@ def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.
     softmax probabilities of all passes are averaged. ``sliding``: tile size (or ``(tile,
     overlap)``, default overlap 1/3) to process images larger than the tile by overlapping windows.
     ``mapping``: a :class:`~ldnbench.data.labels.LabelMapping` applied to every pass's logits.
-    ``amp``: bfloat16 autocast; ``None`` (default) = where the device computes bf16 natively
-    (:func:`native_bf16`; emulated bf16 is slower than fp32). For the fastest passes give a model
+    ``precision``: ``fp32`` (default), or ``bf16``/``fp16`` autocast when asked for by name (see
+    :mod:`ldnbench.runtime`). For the fastest passes give a model
     prepared by :func:`prepare_model` (BN folded, channels-last).
     """
     single = image.dim() == 3
@@ -182,10 +172,10 @@ def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.
             x = image.unsqueeze(0) if single else image
             if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
                 raise ValueError(f"expected a normalised float Nx3xHxW image, got {tuple(x.shape)} {x.dtype}")
-            scores = _forward(model, x, mapping, channels_last, native_bf16(x.device) if amp is None else amp)
+            scores = _forward(model, x, mapping, channels_last, precision)
     else:
         scores = predict_probs(model, image, scales, flip, sliding, mapping=mapping,
-                               channels_last=channels_last, amp=amp)
+                               channels_last=channels_last, precision=precision)
     labels = scores.argmax(1)
     if scores.shape[1] <= 255:
         labels = labels.to(torch.uint8)
@@ -239,8 +229,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-3, 
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
     counter = _UseCounter()
+    fp32 = autocast("fp32", example.device)  # the check compares float32 outputs, never TF32 ones
     try:
-        with torch.inference_mode(), counter:
+        with torch.inference_mode(), fp32, counter:
             reference = model(example)
     finally:
         for h in handles:
@@ -265,7 +256,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-3, 
         setattr(parent, name, nn.Identity())
         folded += 1
     counter.keep.clear()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast("fp32", example.device):
         out = model(example)
     ref, got = (reference["out"], out["out"]) if isinstance(reference, dict) else (reference, out)
     err = (ref - got).abs().max().item()

@@ -190,9 +190,11 @@ class SegMetrics:
         device = self.confusion.device
         if dist.get_backend(group) == "nccl" and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        counts = torch.cat([self.confusion.flatten(),
-                            torch.tensor([self.num_images, self.images_without_instances])]).to(device)
-        sums = torch.cat([self.inst_tp, self.inst_fn, self.cat_tp, self.cat_fn]).to(device)
+        # every piece moved first: the state may live on another device than the new tensors
+        counts = torch.cat([self.confusion.flatten().to(device, torch.int64),
+                            torch.tensor([self.num_images, self.images_without_instances], dtype=torch.int64,
+                                         device=device)])
+        sums = torch.cat([t.to(device, torch.float64) for t in (self.inst_tp, self.inst_fn, self.cat_tp, self.cat_fn)])
         dist.all_reduce(counts, group=group)
         dist.all_reduce(sums, group=group)
         n = self.confusion.numel()

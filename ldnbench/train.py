@@ -36,6 +36,8 @@ from torch import nn
 from ldnbench.errors import UserError
 from ldnbench.fileio import atomic_torch_save, atomic_write_json
 from ldnbench.losses import SegLoss
+from ldnbench.runtime import (AMP_MODES, Distributed, amp_precision, autocast, default_workers, resolve_amp,
+                              resolve_device)
 
 #: Iteration key of the pass that recomputes BatchNorm statistics (its crops differ from every epoch's).
 _BN_EPOCH_KEY = 2**31 - 1
@@ -61,10 +63,11 @@ class TrainConfig:
     ``crop_size``. ``pretrained`` is ``imagenet``, ``none`` or a path to a torchvision-format state
     dict; only pretrained backbone parameters get ``lr / backbone_lr_div``. ``ckpt`` is the
     gradient-checkpointing policy (None: the model's training default). ``amp``: ``none``,
-    ``auto`` (bf16 where supported, else fp16), ``bf16`` or ``fp16`` (CUDA only). ``val_every`` (epochs, 0 = only at the end) and
+    ``auto`` (bf16 on CPU, fp16 on CUDA), ``bf16`` or ``fp16`` (CUDA only). ``val_every`` (epochs, 0 = only at the end) and
     ``save_every`` (iterations; ``last.pt`` is also written after every epoch) set the periodic
     work; ``max_iters`` stops early (smoke runs). ``init`` starts from the model weights of a
-    checkpoint (VOC's second stage).
+    checkpoint (VOC's second stage). ``workers=None``: ``min(4, usable CPUs)`` DataLoader processes.
+    Validation, whatever ``amp`` is, runs in float32 (see :mod:`ldnbench.runtime`).
     """
 
     model: str
@@ -95,7 +98,7 @@ class TrainConfig:
     save_every: int = 500
     max_iters: int | None = None
     seed: int = 0
-    workers: int = 4
+    workers: int | None = None  # None: min(4, usable CPUs)
     device: str = "auto"
     resume: bool = False
     model_options: dict[str, Any] = field(default_factory=dict)
@@ -247,44 +250,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 # --- distributed ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    created: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def _setup_distributed(device: str) -> _Dist:
-    """Join the process group torchrun describes in the environment (if any)."""
-    if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), created=True)
-
-
-def _resolve_device(name: str, d: _Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("device 'cuda' requested but CUDA is not available; use --device cpu", 2)
-        return torch.device("cuda", d.local_rank) if name == "cuda" else torch.device(name)
-    if name != "cpu":
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N", 2)
-    return torch.device("cpu")
-
-
 class _SyncBNFunction(torch.autograd.Function):
     """BatchNorm with given global statistics; backward all-reduces the two gradient sums."""
 
@@ -351,8 +316,10 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     cls = _sync_bn_class()
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, cls) and child.affine:
+            # on the child's device and dtype: load_state_dict copies values, not devices
             new = cls(child.num_features, eps=child.eps, momentum=child.momentum,
-                      track_running_stats=child.track_running_stats)
+                      track_running_stats=child.track_running_stats, device=child.weight.device,
+                      dtype=child.weight.dtype)
             new.load_state_dict(child.state_dict())
             new.train(child.training)
             setattr(module, name, new)
@@ -432,15 +399,6 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto`` → bf16 on CPU and on CUDA GPUs that support it, fp16 on older GPUs."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    return "bf16"
-
-
 def parse_options(items: Iterable[str]) -> dict[str, Any]:
     """``["growth_rate=8", "block_config=2,2,2,2"]`` → ``{"growth_rate": 8, "block_config": (2, 2, 2, 2)}``."""
     import ast
@@ -458,15 +416,17 @@ def parse_options(items: Iterable[str]) -> dict[str, Any]:
 
 
 def _autocast_factory(amp: str, device: torch.device):
-    if amp == "none":
-        return nullcontext
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return lambda: autocast(amp_precision(amp), device)
 
 
 def _check_config(cfg: TrainConfig) -> None:
-    if cfg.amp not in ("none", "auto", "bf16", "fp16"):
-        raise UserError(f"unknown --amp mode {cfg.amp!r}; use none, auto, bf16 or fp16", 2)
+    from ldnbench.models import resolve_model_name
+
+    resolve_model_name(cfg.model)  # an unknown name is the first thing to report
+    if cfg.amp not in AMP_MODES:
+        raise UserError(f"unknown --amp mode {cfg.amp!r}; use {', '.join(AMP_MODES)}", 2)
+    if cfg.workers is not None and cfg.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {cfg.workers}", 2)
     for name in ("epochs", "batch_size", "save_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}", 2)
@@ -508,8 +468,35 @@ def _open_datasets(cfg: TrainConfig, train_set, val_set):
     return train_set, val_set
 
 
+def _image_sizes(train_set, limit: int = 64) -> list[tuple[int, int]]:
+    """(H, W) of up to ``limit`` images spread over the set, from file headers where there are files."""
+    n = len(train_set)
+    idx = sorted({int(round(x)) for x in np.linspace(0, n - 1, min(limit, n))})
+    files = getattr(train_set, "files", None)
+    if files is not None and len(files) == n and all(getattr(files[i], "image", None) for i in idx):
+        from PIL import Image
+
+        sizes = []
+        for i in idx:
+            with Image.open(files[i].image) as im:
+                sizes.append((im.height, im.width))
+        return sizes
+    return [tuple(train_set[i].image.shape[:2]) for i in idx[:1]]
+
+
 def _check_crop(cfg: TrainConfig, crop: int, train_set) -> None:
     if cfg.pad:
+        # Padding makes any crop possible, but a crop far beyond every rescaled image is only padding
+        # (and a 4096² batch of it exhausts memory before a single step): refuse it up front.
+        sizes = _image_sizes(train_set)
+        h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        largest = cfg.scale[1] * max(h, w)
+        if crop > 2 * largest:
+            seen = sorted(set(sizes))
+            shown = ", ".join(f"{b}x{a}" for a, b in seen[:3]) + (" ..." if len(seen) > 3 else "")
+            raise UserError(f"crop {crop} is more than twice the largest training image after the largest rescale "
+                            f"(images are {shown} WxH, {round(largest)} px on the long side at scale {cfg.scale[1]}); "
+                            f"use --crop {int(largest)} or less", 2)
         return
     # Without padding every rescaled image must hold the crop; the first image stands for the set.
     h, w = train_set[0].image.shape[:2]
@@ -562,10 +549,12 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
             {"params": model.head_parameters(), "lr": cfg.lr, "name": "head"}]
 
 
-def _validate(model, val_set, device, amp: str, limit: int | None) -> dict[str, Any]:
+def _validate(model, val_set, device, limit: int | None) -> dict[str, Any]:
+    """``evaluate()`` with its defaults (float32 whatever the training precision): the number that
+    ``ldnbench eval`` reports for the same checkpoint."""
     from ldnbench.evaluate import evaluate
 
-    return evaluate(model, val_set, device=device, amp=amp != "none", progress=False, max_images=limit).metrics.to_dict()
+    return evaluate(model, val_set, device=device, progress=False, max_images=limit).metrics.to_dict()
 
 
 def _complexity(model, imagenet_compatible: bool) -> dict[str, Any]:
@@ -590,23 +579,22 @@ def train(config: TrainConfig, *, train_set=None, val_set=None) -> TrainResult:
     :class:`~ldnbench.data.SegDataset`).
     """
     _check_config(config)
-    d = _setup_distributed(config.device)
-    try:
+    with Distributed(config.device) as d:
         return _Run(config, d, train_set, val_set).run()
-    finally:
-        if d.created:
-            dist.destroy_process_group()
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, d: _Dist, train_set, val_set):
+    def __init__(self, cfg: TrainConfig, d: Distributed, train_set, val_set):
         from ldnbench.data.transforms import TrainTransform
 
+        if cfg.aux_weight == 0 and "aux" not in cfg.model_options:
+            # Heads that get no gradient would stall DDP (unused parameters) and cost compute: build none.
+            # The option is part of the config, so every later load builds the same layout.
+            cfg = dataclasses.replace(cfg, model_options={**cfg.model_options, "aux": False})
         self.cfg, self.d = cfg, d
-        self.device = _resolve_device(cfg.device, d)
-        self.amp = resolve_amp(cfg.amp, self.device)
-        if self.amp == "fp16" and self.device.type != "cuda":
-            raise UserError("fp16 mixed precision needs CUDA; use --amp bf16 on CPU", 2)
+        self.workers = default_workers() if cfg.workers is None else cfg.workers
+        self.device = resolve_device(cfg.device)
+        self.amp = resolve_amp(cfg.amp, self.device)  # what "auto" became on this device type, recorded
         if cfg.batch_size % d.world:
             raise UserError(f"batch size {cfg.batch_size} is not divisible by the {d.world} processes", 2)
         self.out = cfg.out_dir()
@@ -727,7 +715,9 @@ class _Run:
             crop=self.crop, world_size=self.d.world, epochs_done=self.epoch, iterations=self.iteration,
             iters_per_epoch=self.iters_per_epoch, history=self.history, best=self.best,
             checkpoints={"last": str(self.last_path), "best": str(self.best_path) if self.best else None},
-            complexity=self.complexity, started=self.started)
+            complexity=self.complexity, started=self.started, workers=self.workers,
+            train_precision=amp_precision(self.amp),
+            eval_settings={"scales": [1.0], "flip": False, "sliding": None, "precision": "fp32"})
         write_record(self.record_path, rec)
 
     # --- loop -------------------------------------------------------------------------------------
@@ -742,7 +732,7 @@ class _Run:
                       f"crop {self.crop}, batch {cfg.batch_size}{where}, {self.iters_per_epoch} it/epoch, "
                       f"{self.total_iters} iterations) on {self.device} -> {self.out}")
         pin = self.device.type == "cuda"
-        loader = _loader(self.data, self.sampler, cfg.workers, pin)
+        loader = _loader(self.data, self.sampler, self.workers, pin)
         while self.iteration < self.total_iters and self.epoch < cfg.epochs:
             self._train_epoch(loader)
             if self.step == self.iters_per_epoch:
@@ -758,7 +748,7 @@ class _Run:
             sampler = EpochBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.d.rank, self.d.world,
                                         cycle=False)
             sampler.set_epoch(_BN_EPOCH_KEY)
-            recompute_bn_stats(self.model, self._bn_batches(_loader(self.data, sampler, cfg.workers, pin)),
+            recompute_bn_stats(self.model, self._bn_batches(_loader(self.data, sampler, self.workers, pin)),
                                self.device, self.autocast)
             self.final_metrics = None
         if self.final_metrics is None:
@@ -875,7 +865,7 @@ class _Run:
     def _validate(self) -> dict[str, Any] | None:
         if self.val_set is None:
             return None
-        return _validate(self.model, self.val_set, self.device, self.amp, self.cfg.val_limit)
+        return _validate(self.model, self.val_set, self.device, self.cfg.val_limit)
 
     def _maybe_best(self, metrics: dict[str, Any], final: bool = False) -> None:
         miou = metrics.get("miou")

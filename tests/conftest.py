@@ -11,3 +11,23 @@ def cli_runner():
     from click.testing import CliRunner
 
     return CliRunner()
+
+
+class AutocastProbe(torch.nn.Module):
+    """A 1x1-conv segmentation model (``num_classes`` outputs) that records, per forward, whether
+    CPU autocast was on: to show which precision a code path really ran in."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = torch.nn.Conv2d(3, num_classes, 1)
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return self.conv(x)
+
+
+@pytest.fixture
+def autocast_probe():
+    return AutocastProbe

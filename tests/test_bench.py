@@ -20,7 +20,7 @@ def test_help(cli_runner):
     for opt in ("--crop", "--batch-size", "--policies", "--find-max-batch", "--json", "--device"):
         assert opt in r.output
     r = cli_runner.invoke(main, ["bench", "speed", "--help"])
-    for opt in ("--size", "--compare", "--amp", "--channels-last", "--runs", "--warmup"):
+    for opt in ("--size", "--compare", "--precision", "--channels-last", "--runs", "--warmup"):
         assert opt in r.output
 
 

@@ -73,7 +73,7 @@ def test_cli_eval_prints_table_and_writes_record(setup, cli_runner):
     assert r.exit_code == 0, r.output
     [written] = list((tmp / "results" / "dir").glob("*.json"))
     assert json.loads(written.read_text())["eval_settings"] == {"scales": [0.75, 1.0], "flip": True,
-                                                                "sliding": None, "amp": False}
+                                                                "sliding": None, "precision": "fp32"}
 
 
 def test_cli_eval_errors_are_one_line(setup, cli_runner):
