@@ -111,8 +111,9 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
     dataset's label space; without it the model must predict exactly the dataset's classes.
     ``scales``/``flip``/``sliding``/``precision`` go to :func:`ldnbench.inference.predict`
     (``precision``: ``fp32`` unless ``bf16``/``fp16`` is asked for). ``fast``: run an eval-only copy with BatchNorms
-    folded and channels-last weights (:func:`ldnbench.inference.prepare_model`); ``model`` itself is
-    never modified.
+    folded and channels-last weights and inputs (:func:`ldnbench.inference.prepare_model`); ``fast=False``
+    runs the model's own layout, operation for operation as ``model(x)``. ``model`` itself is never
+    modified.
     """
     space = _label_space(dataset)
     n_model = getattr(model, "num_classes", None)
@@ -143,7 +144,7 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
             x = to_input(image).to(device)
             t1 = time.perf_counter()
             pred = predict(net, x[0], settings.scales, settings.flip, settings.sliding, mapping=mapping,
-                           precision=settings.precision)
+                           channels_last=fast, precision=settings.precision)
             synchronize(device)
             t2 = time.perf_counter()
             target = torch.as_tensor(np.asarray(label)).to(device)

@@ -88,6 +88,8 @@ class MetricResult:
             "category_iou": table(self.category_iou), "category_iiou": table(self.category_iiou),
             "pixel_acc": scalar(self.pixel_acc), "mean_acc": scalar(self.mean_acc),
             "fwiou": scalar(self.fwiou), "num_images": int(self.num_images),
+            # rows: ground truth classes (+ void), columns: predictions; the counts every number above comes from
+            "confusion": self.confusion.tolist(),
         }
 
     def format_table(self) -> str:

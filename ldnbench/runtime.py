@@ -201,7 +201,8 @@ class Distributed:
 
         self.local_rank = local_rank()
         if not is_distributed() and launched_world_size() > 1 and dist.is_available():
-            cuda = torch.device(self.device).type == "cuda" or (str(self.device) == "auto" and torch.cuda.is_available())
+            name = str(self.device)
+            cuda = torch.cuda.is_available() if name == "auto" else torch.device(name).type == "cuda"
             if cuda:
                 torch.cuda.set_device(self.local_rank)  # before NCCL starts, or every rank talks to GPU 0
             dist.init_process_group("nccl" if cuda else "gloo")

@@ -15,16 +15,19 @@ def cli_runner():
 
 class AutocastProbe(torch.nn.Module):
     """A 1x1-conv segmentation model (``num_classes`` outputs) that records, per forward, whether
-    CPU autocast was on: to show which precision a code path really ran in."""
+    CPU autocast was on: to show which precision a code path really ran in. ``seen`` is shared by
+    the copies that evaluation makes (``prepare_model`` deep-copies the model)."""
 
     def __init__(self, num_classes: int = 4):
         super().__init__()
         self.num_classes = num_classes
         self.conv = torch.nn.Conv2d(3, num_classes, 1)
         self.seen: list[bool] = []
+        seen = self.seen
+        self._record = lambda on: seen.append(on)  # functions survive deepcopy as the same object
 
     def forward(self, x):
-        self.seen.append(torch.is_autocast_enabled("cpu"))
+        self._record(torch.is_autocast_enabled("cpu"))
         return self.conv(x)
 
 

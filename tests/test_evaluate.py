@@ -107,8 +107,14 @@ def test_evaluate_equals_a_manual_loop(toy):
             s = ds[i]
             m.update(model(to_input(s.image)).argmax(1)[0], s.label, s.instances)
     ref = m.compute()
-    assert np.array_equal(res.metrics.confusion, ref.confusion)
-    assert res.metrics.to_dict() == ref.to_dict()
+    # fast=False runs the model's own layout: operation for operation the manual loop, so exactly equal
+    plain = evaluate(model, ds, progress=False, fast=False)
+    assert np.array_equal(plain.metrics.confusion, ref.confusion)
+    assert plain.metrics.to_dict() == ref.to_dict()
+    # the default fast path (BN folded, channels-last) reorders float sums: labels agree on >= 99.9 %
+    # of pixels on every instruction set, each flipped pixel moving one count between two cells
+    flips = np.abs(res.metrics.confusion - ref.confusion).sum() / 2
+    assert flips <= 0.001 * ref.confusion.sum()
     assert res.num_images == 5 and res.world_size == 1 and not math.isnan(res.metrics.iiou)
     assert set(res.timings) == {"load", "inference", "metrics", "total", "per_image"}
     assert list(res.class_table()["class"]) == ["sky", "road", "car", "person"]

@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 
 from ldnbench.errors import UserError
-from ldnbench.studies.common import EvaluateFn, dataset_label_space, default_evaluate, load_trained_model
+from ldnbench.studies.common import (EvaluateFn, dataset_label_space, default_eval_settings, default_evaluate,
+                                     load_trained_model)
 
 #: TrainConfig fields that do not change the trained weights (left out of the configuration hash).
 HASH_EXCLUDED = {"out", "resume", "progress", "workers", "device", "val_every", "val_limit", "val_split",
@@ -258,7 +259,8 @@ class _Study:
                           dataset=ev, root=self.root(ev), split=self.cfg.eval_split,
                           metrics=metrics, device=self.cfg.device, train_dataset=train, train_hash=h,
                           checkpoint=str(ckpt), eval_limit=self.cfg.eval_limit,
-                          label_mapping=None if mapping is None else f"{mapping.src}->{mapping.dst}")
+                          label_mapping=None if mapping is None else f"{mapping.src}->{mapping.dst}",
+                          eval_settings=default_eval_settings() if self.evaluate_fn is None else None)
         write_record(self.cell_path(train, h, ev), rec)
         return rec
 

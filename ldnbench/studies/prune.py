@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ldnbench.errors import UserError
-from ldnbench.studies.common import EvaluateFn, dataset_label_space, default_evaluate, load_trained_model, model_mapping
+from ldnbench.studies.common import (EvaluateFn, dataset_label_space, default_eval_settings, default_evaluate,
+                                     load_trained_model, model_mapping)
 
 DEFAULT_FRACTIONS = tuple(round(i / 10, 1) for i in range(11))
 
@@ -190,7 +191,7 @@ def prune_curve(model: nn.Module, dataset: Any, fractions: Sequence[float], eval
         with UnitPruner(units):
             m = evaluate_fn(model, dataset, mapping)
         curve.append({"fraction": float(f), "units_pruned": len(units), "miou": m.get("miou"),
-                      "class_iou": dict(m.get("class_iou") or {})})
+                      "class_iou": dict(m.get("class_iou") or {}), "confusion": m.get("confusion")})
         if progress:
             miou = m.get("miou")
             progress(f"fraction {f:.2f}: {len(units):3d} units off, mIoU "
@@ -217,6 +218,7 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
     if model is None:
         model = load_trained_model(cfg.model, cfg.checkpoint, space.num_classes)
     model.eval()
+    default = evaluate_fn is None
     evaluate_fn = evaluate_fn or default_evaluate(cfg.device)
     curve, per_block = prune_curve(model, dataset, cfg.fractions, evaluate_fn, cfg.blocks, model_mapping(model, dataset),
                                    progress)
@@ -227,7 +229,8 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
                       metrics={"miou_unpruned": next((p["miou"] for p in curve if p["fraction"] == 0), None)},
                       checkpoint=str(cfg.checkpoint) if cfg.checkpoint else None, blocks=cfg.blocks,
                       train_dataset=getattr(model, "trained_on", None),
-                      units_per_block=per_block, classes=classes, curve=curve, max_images=cfg.max_images)
+                      units_per_block=per_block, classes=classes, curve=curve, max_images=cfg.max_images,
+                      eval_settings=default_eval_settings() if default else None)
     out = Path(cfg.out) / f"prune-{rec['model']}-{cfg.dataset}-{rec['run_id'].split('-', 1)[1]}"
     df = result.frame()
     result.csv = atomic_write_text(out / "prune.csv", df.to_csv(index=False, float_format="%.6g"))
