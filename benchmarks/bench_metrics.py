@@ -79,7 +79,7 @@ def main() -> None:
     from PIL import Image
 
     from ldnbench.data.cityscapes import labelid_to_trainid
-    from ldnbench.data.labels import get_label_space
+    from ldnbench.data.spaces import get_label_space
     from ldnbench.data.synthetic import write_cityscapes
     from ldnbench.metrics import SegMetrics
 

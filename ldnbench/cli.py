@@ -166,7 +166,7 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     """
     from pathlib import Path
 
-    from ldnbench.data.labels import get_mapping
+    from ldnbench.data.spaces import get_mapping
     from ldnbench.data.registry import get_dataset
     from ldnbench.evaluate import evaluate, load_eval_model
     from ldnbench.inference import MS_SCALES, reuse_freed_memory

@@ -107,7 +107,7 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
              max_images: int | None = None, fast: bool = True) -> EvalResult:
     """Evaluate ``model`` on every sample of ``dataset`` (or its first ``max_images``).
 
-    ``mapping`` (:func:`ldnbench.data.labels.get_mapping`) turns the model's logits into the
+    ``mapping`` (:func:`ldnbench.data.spaces.get_mapping`) turns the model's logits into the
     dataset's label space; without it the model must predict exactly the dataset's classes.
     ``scales``/``flip``/``sliding``/``precision`` go to :func:`ldnbench.inference.predict`
     (``precision``: ``fp32`` unless ``bf16``/``fp16`` is asked for). ``fast``: run an eval-only copy with BatchNorms
@@ -175,7 +175,7 @@ def load_eval_model(checkpoint: str | Path, model_name: str | None = None,
     describe themselves; a bare state dict needs ``model_name`` and ``label_space`` and is tried in
     both layouts (the paper's and the ImageNet-compatible one used when fine-tuning ImageNet weights).
     """
-    from ldnbench.data.labels import get_label_space
+    from ldnbench.data.spaces import get_label_space
     from ldnbench.studies.common import load_trained_model, read_checkpoint
 
     ck = read_checkpoint(checkpoint)  # weights_only=True

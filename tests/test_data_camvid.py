@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ldnbench.data.camvid import CAMVID32_COLORS, CamVid
-from ldnbench.data.labels import get_label_space
+from ldnbench.data.spaces import get_label_space
 from ldnbench.data.registry import get_dataset
 from ldnbench.errors import UserError
 

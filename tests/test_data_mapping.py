@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ldnbench.data.labels import LabelSpace, get_label_space, get_mapping
+from ldnbench.data.labels import LabelSpace
+from ldnbench.data.spaces import get_label_space, get_mapping
 from ldnbench.errors import UserError
 
 

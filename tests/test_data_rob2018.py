@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldnbench.data.labels import get_label_space, get_mapping
+from ldnbench.data.spaces import get_label_space, get_mapping
 from ldnbench.data.registry import get_dataset
 from ldnbench.data.rob2018 import PART_SPLITS, Rob2018
 from ldnbench.data.synthetic import write_cityscapes, write_kitti, write_wilddash

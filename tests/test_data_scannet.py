@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldnbench.data.labels import get_label_space
+from ldnbench.data.spaces import get_label_space
 from ldnbench.data.registry import get_dataset
 from ldnbench.data.scannet import ScanNet, png_bit_depth
 from ldnbench.errors import UserError

@@ -8,7 +8,7 @@ import scipy.sparse
 from PIL import Image
 from scipy.io import savemat
 
-from ldnbench.data.labels import get_label_space
+from ldnbench.data.spaces import get_label_space
 from ldnbench.data.registry import get_dataset
 from ldnbench.data.voc import VOC, VOCAug, train_aug_ids, voc_palette
 from ldnbench.errors import UserError

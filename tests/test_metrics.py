@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldnbench.data.labels import LabelSpace, get_label_space
+from ldnbench.data.labels import LabelSpace
+from ldnbench.data.spaces import get_label_space
 from ldnbench.errors import UserError
 from ldnbench.metrics import SegMetrics
 
@@ -42,7 +43,8 @@ def test_hand_computed_values():
     assert r.fwiou == pytest.approx(2 / 6 * 1 / 3 + 2 / 6 * 2 / 3)
     d = r.to_dict()
     assert set(d) == {"miou", "iiou", "cat_iou", "cat_iiou", "class_iou", "class_iiou", "category_iou",
-                      "category_iiou", "pixel_acc", "mean_acc", "fwiou", "num_images"}
+                      "category_iiou", "pixel_acc", "mean_acc", "fwiou", "num_images", "confusion"}
+    assert d["confusion"] == r.confusion.tolist()
     assert d["iiou"] is None and d["class_iiou"] == {} and d["num_images"] == 1
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldnbench.data.labels import get_label_space
+from ldnbench.data.spaces import get_label_space
 from ldnbench.metrics import SegMetrics
 
 H, W = 64, 128

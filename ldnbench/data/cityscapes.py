@@ -16,7 +16,7 @@ import numpy as np
 from ldnbench.data.layout import index, lut, not_found, pair, remap, require_paired
 from ldnbench.data.base import SegDataset
 from ldnbench.data.io import read_label, read_png16
-from ldnbench.data.labels import IGNORE, get_label_space
+from ldnbench.data.labels import IGNORE, cityscapes19
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
@@ -34,7 +34,7 @@ def labelid_to_trainid() -> np.ndarray:
 
 @cache
 def trainid_identity() -> np.ndarray:
-    n = get_label_space("cityscapes19").num_classes
+    n = cityscapes19().num_classes
     return lut({**{i: i for i in range(n)}, IGNORE: IGNORE})
 
 
@@ -68,7 +68,7 @@ class Cityscapes(SegDataset):
 
     def __init__(self, root: str | Path, split: str = "train", *, strict: bool = True):
         super().__init__(root, split)
-        self.label_space = get_label_space(self.label_space_name)
+        self.label_space = cityscapes19()
         pattern = f"leftImg8bit/{split}/*/*{IMAGE_SUFFIX}"
         images = index(sorted(self.root.glob(pattern)), IMAGE_SUFFIX)
         if not images:

@@ -18,7 +18,7 @@ import numpy as np
 from ldnbench.data.base import SegDataset
 from ldnbench.data.cityscapes import decode_labelids
 from ldnbench.data.io import read_png16
-from ldnbench.data.labels import get_label_space
+from ldnbench.data.labels import cityscapes19
 from ldnbench.data.layout import index, not_found, pair, require_paired
 
 #: The fixed validation frames (every 5th of the 200 training frames).
@@ -42,7 +42,7 @@ class Kitti(SegDataset):
 
     def __init__(self, root: str | Path, split: str = "train", *, strict: bool = True):
         super().__init__(root, split)
-        self.label_space = get_label_space(self.label_space_name)
+        self.label_space = cityscapes19()
         if not (self.root / "training").is_dir() and (self.root / "data_semantics" / "training").is_dir():
             self.root = self.root / "data_semantics"
         folder = self.root / ("testing" if split == "test" else "training")

@@ -1,13 +1,16 @@
-"""Label spaces and remaps between them.
+"""The label-space types: :class:`LabelSpace`, ``IGNORE``, :class:`LabelMapping`, and cityscapes19.
 
 A :class:`LabelSpace` knows its class names, colours, optional categories and which classes have
 instances (for iIoU). Label maps in a space hold class indices ``0..num_classes-1`` and
-``IGNORE`` (255) for pixels that are not evaluated.
+``IGNORE`` (255) for pixels that are not evaluated. This module is the ground floor of
+``ldnbench.data``: the adapters build on it, and the registry of built-in spaces and
+:func:`~ldnbench.data.spaces.get_mapping` sit above them in :mod:`ldnbench.data.spaces`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 
@@ -67,7 +70,9 @@ class LabelSpace:
         return pal
 
 
-def _cityscapes19() -> LabelSpace:
+@cache
+def cityscapes19() -> LabelSpace:
+    """The 19 Cityscapes train classes, their categories and iIoU sizes, from cityscapesScripts."""
     from cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling import args as cs_args
     from cityscapesscripts.helpers.labels import labels
 
@@ -88,51 +93,6 @@ def _cityscapes19() -> LabelSpace:
         avg_instance_size=tuple(float(cs_args.avgClassSize.get(l.name, float("nan"))) for l in train),
         instance_categories=inst_cats,
     )
-
-
-def _camvid11() -> LabelSpace:
-    from ldnbench.data.camvid import camvid11
-
-    return camvid11()
-
-
-def _voc21() -> LabelSpace:
-    from ldnbench.data.voc import voc21
-
-    return voc21()
-
-
-def _scannet20() -> LabelSpace:
-    from ldnbench.data.scannet import scannet20
-
-    return scannet20()
-
-
-def _rob39() -> LabelSpace:
-    from ldnbench.data.rob2018 import rob39
-
-    return rob39()
-
-
-#: Builders of the built-in label spaces (a plain registry: name -> zero-argument builder).
-LABEL_SPACES = {
-    "cityscapes19": _cityscapes19,
-    "camvid11": _camvid11,
-    "voc21": _voc21,
-    "scannet20": _scannet20,
-    "rob39": _rob39,
-}
-
-
-def get_label_space(name: str) -> LabelSpace:
-    """The built-in label space called ``name``."""
-    from ldnbench.errors import UserError
-
-    try:
-        builder = LABEL_SPACES[name]
-    except KeyError:
-        raise UserError(f"unknown label space {name!r}; known: {', '.join(sorted(LABEL_SPACES))}", 2) from None
-    return builder()
 
 
 @dataclass(frozen=True)
@@ -161,51 +121,3 @@ class LabelMapping:
         if self.index is None:
             return logits
         return logits.index_select(dim, torch.as_tensor(self.index, device=logits.device))
-
-
-#: Grouping tables between spaces that share no class names: dst class -> src classes whose
-#: probabilities it sums. cityscapes19 -> camvid11 follows the usual CamVid reading of the
-#: Cityscapes classes (terrain counts as Tree, wall as Fence, rider as Bicyclist).
-MAPPING_TABLES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
-    ("cityscapes19", "camvid11"): {
-        "Sky": ("sky",), "Building": ("building",), "Pole": ("pole", "traffic light"), "Road": ("road",),
-        "Pavement": ("sidewalk",), "Tree": ("vegetation", "terrain"), "SignSymbol": ("traffic sign",),
-        "Fence": ("fence", "wall"), "Car": ("car", "truck", "bus", "train"), "Pedestrian": ("person",),
-        "Bicyclist": ("rider", "bicycle", "motorcycle"),
-    },
-}
-
-
-def _namespaces(space: LabelSpace) -> dict[str, dict[str, int]]:
-    """Class names grouped by namespace: ``"cs:road"`` is ``road`` in namespace ``cs`` ("" = no prefix)."""
-    out: dict[str, dict[str, int]] = {}
-    for i, name in enumerate(space.classes):
-        ns, _, base = name.rpartition(":")
-        out.setdefault(ns, {})[base] = i
-    return out
-
-
-def get_mapping(src: str | LabelSpace, dst: str | LabelSpace) -> LabelMapping:
-    """The mapping from label space ``src`` to ``dst``.
-
-    Identity for equal spaces; a subset of logits when every dst class is a src class by name, all
-    from one namespace (rob39's ``cs:road`` ... serve cityscapes19's ``road`` ...); a grouping from
-    :data:`MAPPING_TABLES` where one is defined. Anything else raises a UserError naming both spaces.
-    """
-    from ldnbench.errors import UserError
-
-    src = get_label_space(src) if isinstance(src, str) else src
-    dst = get_label_space(dst) if isinstance(dst, str) else dst
-    if src.classes == dst.classes:
-        return LabelMapping(src.name, dst.name)
-    for names in _namespaces(src).values():
-        if all(c in names for c in dst.classes):
-            return LabelMapping(src.name, dst.name, tuple(names[c] for c in dst.classes))
-    table = MAPPING_TABLES.get((src.name, dst.name))
-    if table is not None:
-        return LabelMapping(src.name, dst.name,
-                            groups=tuple(tuple(src.index(n) for n in table[c]) for c in dst.classes))
-    missing = [c for c in dst.classes if c not in src.classes][:5]
-    raise UserError(f"no label mapping from {src.name} ({src.num_classes} classes) to {dst.name} "
-                    f"({dst.num_classes} classes): {', '.join(missing)} ... have no counterpart in {src.name}; "
-                    "evaluate on a dataset in the model's label space or train in a space that contains it")

@@ -35,9 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from ldnbench.data.base import SampleFiles, SegDataset
+from ldnbench.data.cityscapes import Cityscapes
 from ldnbench.data.io import read_label, read_png16
-from ldnbench.data.labels import IGNORE, LabelSpace, get_label_space
+from ldnbench.data.kitti import Kitti
+from ldnbench.data.labels import IGNORE, LabelSpace, cityscapes19
 from ldnbench.data.layout import index, pair, remap, require_paired
+from ldnbench.data.scannet import ScanNet, scannet20
+from ldnbench.data.wilddash import WildDash
 from ldnbench.errors import UserError
 
 PARTS = ("cityscapes", "kitti", "wilddash", "scannet")
@@ -50,13 +54,16 @@ PART_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
                  "scannet": ("train", "val")},
 }
 
+#: The adapter of each part.
+PART_ADAPTERS = {"cityscapes": Cityscapes, "kitti": Kitti, "wilddash": WildDash, "scannet": ScanNet}
+
 #: Label space of each part's adapter.
 PART_SPACE = {"cityscapes": "cityscapes19", "kitti": "cityscapes19", "wilddash": "cityscapes19", "scannet": "scannet20"}
 
 
 def rob39() -> LabelSpace:
     """19 Cityscapes classes (``cs:`` prefix) then 20 ScanNet classes (``scannet:`` prefix)."""
-    cs, sn = get_label_space("cityscapes19"), get_label_space("scannet20")
+    cs, sn = cityscapes19(), scannet20()
     return LabelSpace(
         name="rob39",
         classes=tuple(f"cs:{c}" for c in cs.classes) + tuple(f"scannet:{c}" for c in sn.classes),
@@ -68,12 +75,12 @@ def rob39() -> LabelSpace:
 
 def offset_of(space: str) -> int:
     """rob39 index of class 0 of ``space`` (cityscapes19 or scannet20)."""
-    return {"cityscapes19": 0, "scannet20": get_label_space("cityscapes19").num_classes}[space]
+    return {"cityscapes19": 0, "scannet20": cityscapes19().num_classes}[space]
 
 
 def to_rob39_table(space: str) -> np.ndarray:
     """uint8 lookup table: label in ``space`` -> rob39 index (255 stays 255)."""
-    n = get_label_space(space).num_classes
+    n = {"cityscapes19": cityscapes19, "scannet20": scannet20}[space]().num_classes
     table = np.full(256, IGNORE, np.uint8)
     table[:n] = np.arange(n) + offset_of(space)
     return table
@@ -172,8 +179,6 @@ class Rob2018(SegDataset):
                  cityscapes_root: str | Path | None = None, kitti_root: str | Path | None = None,
                  wilddash_root: str | Path | None = None, scannet_root: str | Path | None = None,
                  strict: bool = True):
-        from ldnbench.data.registry import DATASETS  # the registry imports this module
-
         super().__init__(root, split)
         if split not in self.splits:
             raise UserError(f"{self.name} has no split {split!r}; choose one of: {', '.join(self.splits)}", 2)
@@ -207,7 +212,7 @@ class Rob2018(SegDataset):
             table = to_rob39_table(PART_SPACE[part])
             for part_split in PART_SPLITS[split].get(part, ()):
                 try:
-                    ds = DATASETS[part](part_root, part_split, strict=strict)
+                    ds = PART_ADAPTERS[part](part_root, part_split, strict=strict)
                 except UserError as e:
                     raise UserError(f"rob2018 part {part!r} ({part_split}): {e} (use the {part}_root option for "
                                     f"another location, or parts=... to leave it out)", e.exit_code) from None

@@ -24,7 +24,7 @@ import numpy as np
 
 from ldnbench.data.base import SegDataset
 from ldnbench.data.io import read_label, read_png16
-from ldnbench.data.labels import IGNORE, get_label_space
+from ldnbench.data.labels import IGNORE, cityscapes19
 from ldnbench.data.layout import describe, index, lut, not_found, pair, remap, require_paired
 from ldnbench.errors import UserError
 
@@ -147,7 +147,7 @@ def cityscapes_name(vistas_name: str) -> str | None:
 
 def label_table(names: list[str]) -> np.ndarray:
     """Remap table Vistas label index -> cityscapes19 index (255 ignore, -1 = not in the config)."""
-    space = get_label_space("cityscapes19")
+    space = cityscapes19()
     out = {}
     for i, n in enumerate(names):
         cs = cityscapes_name(n)
@@ -158,7 +158,7 @@ def label_table(names: list[str]) -> np.ndarray:
 @cache
 def _instance_mask() -> np.ndarray:
     """``mask[c]`` for cityscapes19 class c (and 255): does the class have instances?"""
-    space = get_label_space("cityscapes19")
+    space = cityscapes19()
     m = np.zeros(256, bool)
     m[list(space.instance_classes)] = True
     return m
@@ -176,7 +176,7 @@ class Vistas(SegDataset):
 
     def __init__(self, root: str | Path, split: str = "train", *, version: str | None = None, strict: bool = True):
         super().__init__(root, split)
-        self.label_space = get_label_space(self.label_space_name)
+        self.label_space = cityscapes19()
         sf = self.root / SPLIT_FOLDERS[split]
         img_pattern = f"{SPLIT_FOLDERS[split]}/images/*.jpg"
         images = index(sorted(sf.glob("images/*.jpg")), ".jpg")

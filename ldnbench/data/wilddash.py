@@ -14,7 +14,7 @@ import numpy as np
 
 from ldnbench.data.base import SegDataset
 from ldnbench.data.cityscapes import decode_instanceids, decode_labelids
-from ldnbench.data.labels import get_label_space
+from ldnbench.data.labels import cityscapes19
 from ldnbench.data.layout import index, not_found, pair, require_paired
 
 IMAGE_GLOB = "**/*_100000.png"
@@ -31,7 +31,7 @@ class WildDash(SegDataset):
 
     def __init__(self, root: str | Path, split: str = "val", *, strict: bool = True):
         super().__init__(root, split)
-        self.label_space = get_label_space(self.label_space_name)
+        self.label_space = cityscapes19()
         found = sorted(self.root.glob(IMAGE_GLOB))
         prefix = "wd_val" if split == "val" else "wd_bench"
 

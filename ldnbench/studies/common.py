@@ -69,7 +69,7 @@ def load_trained_model(model_name: str | None, checkpoint: str | Path | None, nu
 
 def model_mapping(model: nn.Module, dataset: Any):
     """Label mapping from the model's training space to the dataset's (identity when unknown)."""
-    from ldnbench.data.labels import get_label_space, get_mapping
+    from ldnbench.data.spaces import get_label_space, get_mapping
 
     dst = dataset_label_space(dataset)
     src_name = getattr(model, "label_space_name", None)

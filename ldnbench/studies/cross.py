@@ -236,7 +236,7 @@ class _Study:
         return rec if ok and rec["metrics"].get("miou") is not None else None
 
     def evaluate_cell(self, train: str, h: str, ckpt: Path, ev: str, model_cache: dict) -> dict:
-        from ldnbench.data.labels import get_mapping
+        from ldnbench.data.spaces import get_mapping
         from ldnbench.report.records import make_record, write_record
 
         dataset = self.open_dataset(ev, self.cfg.eval_split)
@@ -250,7 +250,7 @@ class _Study:
         dst = dataset_label_space(dataset)
         mapping = None
         if src and src != dst.name:
-            from ldnbench.data.labels import get_label_space
+            from ldnbench.data.spaces import get_label_space
 
             mapping = get_mapping(get_label_space(src), dst)
         evaluate_fn = self.evaluate_fn or default_evaluate(self.cfg.device)
