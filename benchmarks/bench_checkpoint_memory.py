@@ -14,7 +14,6 @@ import argparse
 import sys
 
 from ldnbench.bench import MemoryConfig, bench_memory, format_memory_table, memory_record
-from ldnbench.fileio import atomic_write_json
 from ldnbench.report.records import write_record
 
 FULL = "cat-1x1-3x3+stem+td+up"

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from ldnbench.evaluate import evaluate
     from ldnbench.runtime import native_bf16
     from ldnbench.studies.common import load_trained_model
-    from ldnbench.train import TrainConfig, launch, train
+    from ldnbench.launch import launch
+    from ldnbench.train import TrainConfig, train
 
     work = Path(args.work or tempfile.mkdtemp(prefix="ldnbench-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)

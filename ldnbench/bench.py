@@ -37,7 +37,6 @@ segmentation models (random weights, nothing downloaded) in the same process for
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os

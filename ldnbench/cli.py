@@ -277,7 +277,8 @@ def train_cmd(model, dataset, root, split, val_split, epochs, batch_size, crop, 
               val_limit, save_every, max_iters, seed, workers, device, out, resume, nproc, model_options,
               dataset_options, no_progress):
     """Train a model with the paper's recipe; resumable, single process or DDP under torchrun."""
-    from ldnbench.train import TrainConfig, launch, parse_options, train
+    from ldnbench.launch import launch
+    from ldnbench.train import TrainConfig, parse_options, train
 
     config = TrainConfig.preset(
         model, dataset, root=root, split=split, epochs=epochs, batch_size=batch_size, crop=crop,

@@ -3,7 +3,7 @@
 ``train(TrainConfig(...))`` runs in one process, or in every process of a ``torchrun`` launch:
 the process group is created from torchrun's environment, each process trains on its slice of
 every global batch under DistributedDataParallel with synchronised BatchNorm
-(:func:`convert_sync_batchnorm`, CPU/gloo and CUDA/NCCL), and only rank 0 writes files. ``launch(config, nproc)`` starts such a run on this machine.
+(:func:`convert_sync_batchnorm`, CPU/gloo and CUDA/NCCL), and only rank 0 writes files. :func:`ldnbench.launch.launch` starts such a run on this machine.
 
 Determinism and resumption: the sample order of epoch ``e`` is a permutation seeded by
 ``(seed, e)`` and the augmentation of sample ``i`` in epoch ``e`` uses a generator seeded by
@@ -16,14 +16,9 @@ resumed with the same options ends with the same weights as an uninterrupted one
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import random
-import subprocess
-import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -34,8 +29,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ldnbench.errors import UserError
-from ldnbench.fileio import atomic_torch_save, atomic_write_json
+from ldnbench.fileio import atomic_torch_save
 from ldnbench.losses import SegLoss
+from ldnbench.models.batchnorm import convert_sync_batchnorm, recompute_bn_stats
 from ldnbench.runtime import (AMP_MODES, Distributed, amp_precision, autocast, default_workers, resolve_amp,
                               resolve_device)
 
@@ -250,147 +246,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 # --- distributed ----------------------------------------------------------------------------------
 
 
-class _SyncBNFunction(torch.autograd.Function):
-    """BatchNorm with given global statistics; backward all-reduces the two gradient sums."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count: float):
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        xhat = (x.float() - mean.view(shape)) * invstd.view(shape)
-        ctx.save_for_backward(xhat, invstd, weight)
-        ctx.count = count
-        y = xhat * weight.view(shape) + bias.view(shape)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        xhat, invstd, weight = ctx.saved_tensors
-        shape = (1, -1) + (1,) * (dy.dim() - 2)
-        dims = [d for d in range(dy.dim()) if d != 1]
-        dyf = dy.float()
-        sum_dy, sum_dy_xhat = dyf.sum(dims), (dyf * xhat).sum(dims)
-        both = torch.cat([sum_dy, sum_dy_xhat])
-        dist.all_reduce(both)
-        c = sum_dy.numel()
-        mean_dy, mean_dy_xhat = both[:c] / ctx.count, both[c:] / ctx.count
-        dx = (dyf - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * (invstd * weight).view(shape)
-        return dx.to(dy.dtype), sum_dy_xhat, sum_dy, None, None, None
-
-
-def _sync_bn_class():
-    from ldnbench.models.layers import BatchNorm2d
-
-    class SyncBatchNorm2d(BatchNorm2d):
-        """Synchronised BatchNorm for any backend (gloo/CPU too) that keeps ``update_stats``.
-
-        In training under an initialised process group the batch statistics are all-reduced over
-        all processes, so DDP on N processes normalises exactly like one process with the whole
-        global batch; otherwise it is the model's ordinary BatchNorm2d.
-        """
-
-        def forward(self, x):
-            if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-                return super().forward(x)
-            c = x.shape[1]
-            dims = [d for d in range(x.dim()) if d != 1]
-            with torch.no_grad():
-                stats = torch.cat([x.sum(dims, dtype=torch.float64), x.float().square().sum(dims, dtype=torch.float64),
-                                   torch.tensor([x.numel() // max(c, 1)], dtype=torch.float64, device=x.device)])
-                dist.all_reduce(stats)
-                n = stats[-1].clamp_min(2)
-                mean = stats[:c] / n
-                var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
-                if self.track_running_stats and self.update_stats:
-                    self.num_batches_tracked += 1
-                    m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                    self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-                    self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
-                invstd = (var + self.eps).rsqrt().float()
-            return _SyncBNFunction.apply(x, self.weight, self.bias, mean.float(), invstd, float(n))
-
-    return SyncBatchNorm2d
-
-
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every ``BatchNorm2d`` by a synchronised one working on CPU and CUDA (same state dict keys)."""
-    cls = _sync_bn_class()
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, cls) and child.affine:
-            # on the child's device and dtype: load_state_dict copies values, not devices
-            new = cls(child.num_features, eps=child.eps, momentum=child.momentum,
-                      track_running_stats=child.track_running_stats, device=child.weight.device,
-                      dtype=child.weight.dtype)
-            new.load_state_dict(child.state_dict())
-            new.train(child.training)
-            setattr(module, name, new)
-        else:
-            convert_sync_batchnorm(child)
-    return module
-
-
-# --- BatchNorm statistics -------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor | None], device: torch.device,
-                       autocast=nullcontext) -> int:
-    """Set every BatchNorm's running mean/var to exact averages over ``batches`` (paper section 5.1).
-
-    The model runs in train mode, as in training (every BN normalises with its batch statistics);
-    each BN's input is accumulated per channel in float64 over all pixels of all batches, and the
-    running mean/var become the mean and the unbiased variance of those inputs: the exact
-    statistics of the training-time activations, independent of how the set is cut into batches.
-    Under torch.distributed the sums are all-reduced, so every process gets the same statistics.
-    Returns the number of images seen (over all processes).
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return 0
-    acc = {bn: torch.zeros(3, bn.num_features, dtype=torch.float64, device=device) for bn in bns}
-
-    def hook(bn, args):
-        x = args[0].detach()
-        dims = [d for d in range(x.dim()) if d != 1]
-        a = acc[bn]
-        a[0] += x.sum(dims, dtype=torch.float64)
-        a[1] += x.float().square().sum(dims, dtype=torch.float64)
-        a[2] += x.numel() // x.shape[1]
-
-    handles = [bn.register_forward_pre_hook(hook) for bn in bns]
-    was_training = model.training
-    model.train()
-    images = 0
-    try:
-        for x in batches:
-            if x is None:  # this process's slice of the short last batch is empty
-                continue
-            with autocast():
-                model(x.to(device, non_blocking=True))
-            images += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if dist.is_available() and dist.is_initialized():
-        flat = torch.cat([acc[bn].view(-1) for bn in bns] + [torch.tensor([images], dtype=torch.float64, device=device)])
-        dist.all_reduce(flat)
-        images = int(flat[-1].item())
-        offset = 0
-        for bn in bns:
-            k = acc[bn].numel()
-            acc[bn] = flat[offset:offset + k].view(3, -1)
-            offset += k
-    for bn in bns:
-        s, sq, n = acc[bn]
-        n = n.clamp_min(2)
-        mean = s / n
-        var = ((sq - n * mean * mean) / (n - 1)).clamp_min(0)
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_(var.to(bn.running_var.dtype))
-        bn.num_batches_tracked.zero_()
-    return images
-
-
 def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()
             if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
@@ -419,7 +274,8 @@ def _autocast_factory(amp: str, device: torch.device):
     return lambda: autocast(amp_precision(amp), device)
 
 
-def _check_config(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig) -> None:
+    """Options that are wrong whatever the data: UserError before anything runs."""
     from ldnbench.models import resolve_model_name
 
     resolve_model_name(cfg.model)  # an unknown name is the first thing to report
@@ -438,7 +294,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UserError(f"scale range {cfg.scale} must satisfy 0 < min <= max", 2)
 
 
-def _check_out(cfg: TrainConfig) -> None:
+def check_out(cfg: TrainConfig) -> None:
+    """The run folder: an existing run needs --resume, --resume needs one."""
     last = cfg.out_dir() / "last.pt"
     if last.exists() and not cfg.resume:
         raise UserError(f"{cfg.out_dir()} already holds a run (last.pt); pass --resume to continue it or choose "
@@ -578,7 +435,7 @@ def train(config: TrainConfig, *, train_set=None, val_set=None) -> TrainResult:
     ``train_set``/``val_set`` replace the adapters named by ``config`` (any
     :class:`~ldnbench.data.SegDataset`).
     """
-    _check_config(config)
+    check_config(config)
     with Distributed(config.device) as d:
         return _Run(config, d, train_set, val_set).run()
 
@@ -600,7 +457,7 @@ class _Run:
         self.out = cfg.out_dir()
         self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
         self.record_path = self.out / "result.json"
-        _check_out(cfg)
+        check_out(cfg)
         self.train_set, self.val_set = _open_datasets(cfg, train_set, val_set)
         self.label_space = self.train_set.label_space
         self.crop = cfg.crop or self.train_set.crop_size
@@ -885,48 +742,3 @@ def _global_mean_count(counts: torch.Tensor) -> torch.Tensor:
 
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
-# --- multi-process launch -------------------------------------------------------------------------
-
-
-def launch(config: TrainConfig, nproc: int, extra_torchrun_args: list[str] | None = None) -> int:
-    """Run ``train(config)`` in ``nproc`` local processes via ``torch.distributed.run``; returns its exit code."""
-    if nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {nproc}", 2)
-    # Catch what can be caught here, before N processes each print the same error.
-    _check_config(config)
-    _check_out(config)
-    if config.batch_size % nproc:
-        raise UserError(f"batch size {config.batch_size} is not divisible by the {nproc} processes", 2)
-    out = config.out_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "launch-config.json"
-    atomic_write_json(cfg_path, dataclasses.asdict(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *(extra_torchrun_args or []), "-m", "ldnbench.train", str(cfg_path)]
-    return subprocess.call(cmd)
-
-
-def config_from_json(path: str | Path) -> TrainConfig:
-    data = json.loads(Path(path).read_text())
-    data["scale"] = tuple(data["scale"])
-    # JSON has no tuples; model configs are frozen dataclasses of tuples.
-    for key in ("model_options", "dataset_options"):
-        data[key] = {k: tuple(v) if isinstance(v, list) else v for k, v in data[key].items()}
-    return TrainConfig(**data)
-
-
-def _main(argv: list[str]) -> int:
-    """Entry point of the processes started by :func:`launch` (``python -m ldnbench.train CONFIG.json``)."""
-    try:
-        train(config_from_json(argv[0]))
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

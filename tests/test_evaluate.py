@@ -11,10 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from ldnbench.data.base import Sample
-from ldnbench.data.labels import LabelMapping, LabelSpace
+from ldnbench.data.labels import LabelMapping
 from ldnbench.data.transforms import to_input
 from ldnbench.errors import UserError
 from ldnbench.evaluate import evaluate

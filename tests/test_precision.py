@@ -15,7 +15,8 @@ from torch import nn
 import ldnbench.runtime as runtime
 from ldnbench.errors import UserError
 from ldnbench.evaluate import evaluate
-from ldnbench.train import TrainConfig, convert_sync_batchnorm, train
+from ldnbench.models.batchnorm import convert_sync_batchnorm
+from ldnbench.train import TrainConfig, train
 from test_train import MODEL, TINY, TINY_CLI, _config, cs_root  # noqa: F401  (cs_root is a fixture)
 
 

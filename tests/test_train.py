@@ -7,14 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from ldnbench.train import EpochBatchSampler, TrainConfig, TrainingDiverged, recompute_bn_stats, train
+from ldnbench.models.batchnorm import recompute_bn_stats
+from ldnbench.train import EpochBatchSampler, TrainConfig, TrainingDiverged, train
 
 TINY = dict(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, bn_size=2, spp_bt=32, spp_level=8,
             spp_out=32, up_widths=(16, 16, 16), up_bottleneck=16)
