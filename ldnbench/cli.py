@@ -11,6 +11,11 @@ import click
 
 from ldnbench import __version__
 from ldnbench.errors import UserError
+from ldnbench.train_config import TrainConfig
+
+#: The training options that `cross` passes on to every training run it starts.
+CROSS_TRAIN_OPTIONS = ("epochs", "batch_size", "crop", "scale", "lr", "pretrained", "max_iters", "seed", "workers",
+                       "model_options")
 
 
 class _Group(click.Group):
@@ -31,6 +36,78 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="ldnbench")
 def main() -> None:
     """Train, evaluate, compare and dissect Ladder-style DenseNet segmentation models."""
+
+
+# --- options declared once: click options from a config dataclass's fields ----------------------
+def _click_type(annotation: str):
+    for name, typ in (("int", int), ("float", float)):
+        if annotation.startswith((name, f"tuple[{name}")):
+            return typ
+    return str
+
+
+def config_options(cls, names: tuple[str, ...] | None = None, defaults: dict | None = None):
+    """Decorator: one click option per field of dataclass ``cls`` that carries CLI metadata
+    (``ldnbench.train._cli``), with the field's help and, shown, its default. ``names`` selects
+    fields; ``defaults`` shows other defaults (a command that sets them itself). Every option's value
+    is None unless given, so presets and the dataclass fill the rest (see :func:`config_values`)."""
+    import dataclasses
+
+    def decorate(f):
+        for fld in reversed(dataclasses.fields(cls)):
+            how = fld.metadata.get("cli")
+            if how is None or (names is not None and fld.name not in names):
+                continue
+            how = dict(how)
+            shown = (defaults or {}).get(fld.name, fld.default)
+            help_text = fld.metadata["help"]
+            if "[default:" not in help_text and shown not in (None, dataclasses.MISSING):
+                if "/" in how.get("flag", ""):
+                    on, off = how["flag"].split("/")
+                    help_text += f" [default: {on if shown else off}]"
+                elif "flag" not in how:
+                    help_text += f" [default: {' '.join(map(str, shown)) if isinstance(shown, tuple) else shown}]"
+            kwargs: dict = {"default": None, "help": help_text}
+            decl = how.pop("flag", None) or how.pop("multiple", None) or f"--{fld.name.replace('_', '-')}"
+            if "multiple" in fld.metadata["cli"]:
+                kwargs.update(multiple=True, metavar="KEY=VALUE")
+            elif "/" in decl or decl == "--resume":
+                kwargs["is_flag"] = True
+            else:
+                if "choices" in how:
+                    kwargs["type"] = click.Choice(list(how.pop("choices")))
+                else:
+                    kwargs["type"] = _click_type(str(fld.type))
+                if "flag_value" in how:
+                    kwargs.update(is_flag=False, flag_value=how.pop("flag_value"))
+            how.pop("none_word", None)
+            kwargs["required"] = how.pop("required", False)
+            kwargs.update(how)
+            f = click.option(decl, fld.name, **kwargs)(f)
+        return f
+
+    return decorate
+
+
+def config_values(cls, values: dict) -> dict:
+    """Click values of :func:`config_options` -> field overrides (None = not given): tuples for
+    ``nargs``, ``KEY=VALUE`` lists parsed, ``none`` for fields that accept the word."""
+    import dataclasses
+
+    from ldnbench.train_config import parse_options
+
+    out = {}
+    for fld in dataclasses.fields(cls):
+        how = fld.metadata.get("cli")
+        if how is None or fld.name not in values:
+            continue
+        v = values[fld.name]
+        if "multiple" in how:
+            v = parse_options(v) if v else None
+        elif v is not None and "nargs" in how:
+            v = tuple(v)
+        out[fld.name] = v
+    return out
 
 
 # --- models: zoo, flops (ldnbench.models) ------------------------------------------------------
@@ -234,60 +311,16 @@ def score_cmd(dataset, root, split, pred_dir, pred_format, json_out, workers, qu
 
 
 @main.command("train")
-@click.option("--model", required=True, help="Model name or alias (see `ldnbench zoo`), e.g. ldn121.")
-@click.option("--dataset", required=True, help="Dataset adapter (see `ldnbench datasets`); picks the paper's preset.")
-@click.option("--root", default=None, help="Dataset folder [default: ./datasets/<dataset>].")
-@click.option("--split", default=None, help="Training split [default: train].")
-@click.option("--val-split", default=None, help="Validation split, or 'none' [default: val; camvid: test].")
-@click.option("--epochs", type=int, default=None, help="[default: preset, e.g. 300 for cityscapes]")
-@click.option("--batch-size", type=int, default=None, help="Global batch over all processes [default: 16].")
-@click.option("--crop", type=int, default=None, help="Square crop side [default: the dataset's 448/512/768].")
-@click.option("--scale", type=float, nargs=2, default=None, help="Random rescale range [default: 0.5 2].")
-@click.option("--no-pad", "no_pad", is_flag=True, help="Refuse crops larger than the rescaled images.")
-@click.option("--lr", type=float, default=None, help="Initial learning rate [default: 4e-4].")
-@click.option("--backbone-lr-div", type=float, default=None, help="Pretrained lr divisor [default: 4; voc: 8].")
-@click.option("--weight-decay", type=float, default=None, help="[default: 0]")
-@click.option("--aux-weight", type=float, default=None, help="Weight of the mean aux loss [default: 0.4].")
-@click.option("--main-weight", type=float, default=None, help="Weight of the final CE [default: 0.6].")
-@click.option("--pretrained", default=None, help="imagenet, none or PATH to a torchvision state dict [default: imagenet].")
-@click.option("--init", default=None, help="Start from the model weights of this checkpoint (e.g. VOC stage 2).")
-@click.option("--ckpt", default=None, help="Gradient-checkpointing policy [default: the model's training default].")
-@click.option("--amp", default=None, is_flag=False, flag_value="auto",
-              type=click.Choice(["none", "auto", "bf16", "fp16"]),
-              help="Training mixed precision [default: none]; --amp alone = auto (bf16 on CPU, fp16 on CUDA, on every "
-                   "machine). Validation always runs in fp32.")
-@click.option("--no-bn-recompute", is_flag=True, help="Keep the moving-average BatchNorm statistics.")
-@click.option("--val-every", type=int, default=None, help="Validate every N epochs, 0 = only at the end [default: 10].")
-@click.option("--val-limit", type=int, default=None, help="Validate on the first N images only (smoke runs).")
-@click.option("--save-every", type=int, default=None, help="Write last.pt every N iterations [default: 500].")
-@click.option("--max-iters", type=int, default=None, help="Stop after N iterations in total (smoke runs).")
-@click.option("--seed", type=int, default=None, help="[default: 0]")
-@click.option("--workers", type=int, default=None, help="DataLoader workers per process [default: min(4, usable CPUs)].")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto].")
-@click.option("--out", default=None, help="Run folder [default: results/<model>-<dataset>].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
-@click.option("--nproc", type=int, default=None, help="Launch N local processes with torchrun (DDP).")
-@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
-              help="Extra build_model option, e.g. growth_rate=16 (repeatable).")
-@click.option("--dataset-option", "dataset_options", multiple=True, metavar="KEY=VALUE",
-              help="Extra adapter option (repeatable).")
-@click.option("--no-progress", is_flag=True, help="No tqdm bars (one line per epoch only).")
-def train_cmd(model, dataset, root, split, val_split, epochs, batch_size, crop, scale, no_pad, lr, backbone_lr_div,
-              weight_decay, aux_weight, main_weight, pretrained, init, ckpt, amp, no_bn_recompute, val_every,
-              val_limit, save_every, max_iters, seed, workers, device, out, resume, nproc, model_options,
-              dataset_options, no_progress):
+@config_options(TrainConfig)
+@click.option("--nproc", type=click.IntRange(min=1), default=None, help="Launch N local processes with torchrun (DDP).")
+def train_cmd(nproc, **values):
     """Train a model with the paper's recipe; resumable, single process or DDP under torchrun."""
     from ldnbench.launch import launch
-    from ldnbench.train import TrainConfig, parse_options, train
+    from ldnbench.train import train
 
-    config = TrainConfig.preset(
-        model, dataset, root=root, split=split, epochs=epochs, batch_size=batch_size, crop=crop,
-        scale=tuple(scale) if scale else None, pad=False if no_pad else None, lr=lr, backbone_lr_div=backbone_lr_div,
-        weight_decay=weight_decay, aux_weight=aux_weight, main_weight=main_weight, pretrained=pretrained, init=init,
-        ckpt=ckpt, amp=amp, recompute_bn=False if no_bn_recompute else None, val_every=val_every,
-        val_limit=val_limit, save_every=save_every, max_iters=max_iters, seed=seed, workers=workers, device=device,
-        out=out, resume=resume or None, progress=False if no_progress else None,
-        model_options=parse_options(model_options), dataset_options=parse_options(dataset_options))
+    given = config_values(TrainConfig, values)
+    val_split = given.pop("val_split", None)
+    config = TrainConfig.preset(given.pop("model"), given.pop("dataset"), **given)
     if val_split is not None:
         config.val_split = None if val_split.lower() == "none" else val_split
     if nproc is not None:
@@ -366,27 +399,13 @@ def prune_cmd(model, checkpoint, dataset, root, split, fractions, blocks, device
 @click.option("--eval-split", default="val", show_default=True)
 @click.option("--eval-limit", type=int, default=None, help="Evaluate on the first N images of each set only.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Training option [default: the dataset preset].")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--crop", type=int, default=None)
-@click.option("--scale", type=float, nargs=2, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--pretrained", default=None, help="imagenet, none or PATH [default: imagenet].")
-@click.option("--max-iters", type=int, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--workers", type=int, default=None)
-@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE")
-def cross_cmd(train_sets, eval_sets, model, roots, results, train_split, eval_split, eval_limit, device, epochs,
-              batch_size, crop, scale, lr, pretrained, max_iters, seed, workers, model_options):
+@config_options(TrainConfig, names=CROSS_TRAIN_OPTIONS)
+def cross_cmd(train_sets, eval_sets, model, roots, results, train_split, eval_split, eval_limit, device, **values):
     """Train on each training set, evaluate on every eval set: the cross-dataset mIoU matrix (paper Table 7)."""
     from ldnbench.errors import UserError as _UserError
     from ldnbench.studies.cross import CrossConfig, format_matrix, parse_names, parse_roots, run_cross
-    from ldnbench.train import parse_options
 
-    opts = dict(epochs=epochs, batch_size=batch_size, crop=crop, scale=tuple(scale) if scale else None, lr=lr,
-                pretrained=pretrained, max_iters=max_iters, seed=seed, workers=workers)
-    if model_options:
-        opts["model_options"] = parse_options(model_options)
+    opts = config_values(TrainConfig, values)
     cfg = CrossConfig(train=parse_names(train_sets), eval=parse_names(eval_sets), model=model,
                       roots=parse_roots(roots), results=results, train_split=train_split, eval_split=eval_split,
                       eval_limit=eval_limit, device=device, train_options={k: v for k, v in opts.items() if v is not None})

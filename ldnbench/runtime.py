@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from ldnbench.errors import UserError
+from ldnbench.train_config import AMP_MODES
 
 #: Inference/evaluation precisions, by name. ``fp32`` is the default everywhere.
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-#: Training mixed-precision modes. ``auto`` resolves by device *type* only (see :func:`resolve_amp`).
-AMP_MODES = ("none", "auto", "bf16", "fp16")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -19,9 +19,9 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -32,93 +32,12 @@ from ldnbench.errors import UserError
 from ldnbench.fileio import atomic_torch_save
 from ldnbench.losses import SegLoss
 from ldnbench.models.batchnorm import convert_sync_batchnorm, recompute_bn_stats
+from ldnbench.train_config import TrainConfig
 from ldnbench.runtime import (AMP_MODES, Distributed, amp_precision, autocast, default_workers, resolve_amp,
                               resolve_device)
 
 #: Iteration key of the pass that recomputes BatchNorm statistics (its crops differ from every epoch's).
 _BN_EPOCH_KEY = 2**31 - 1
-
-# Per-dataset presets of the paper (section 5): the values that differ from the defaults of
-# :class:`TrainConfig`. ``crop`` comes from each adapter's ``crop_size`` (448/512/768). CamVid's
-# epoch count depends on initialisation (400 ImageNet / 800 random), VOC is trained in two runs:
-# 100 epochs on ``voc-aug`` then 100 on ``voc`` started from the first (``init``), both with the
-# pretrained weights at lr/8.
-PRESETS: dict[str, dict[str, Any]] = {
-    "cityscapes": {"epochs": 300},
-    "camvid": {"epochs": 400, "epochs_random_init": 800, "val_split": "test"},
-    "voc-aug": {"epochs": 100, "backbone_lr_div": 8.0},
-    "voc": {"epochs": 100, "backbone_lr_div": 8.0},
-}
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run; defaults are the paper's Cityscapes recipe.
-
-    ``batch_size`` is the global batch over all processes. ``crop=None`` takes the adapter's
-    ``crop_size``. ``pretrained`` is ``imagenet``, ``none`` or a path to a torchvision-format state
-    dict; only pretrained backbone parameters get ``lr / backbone_lr_div``. ``ckpt`` is the
-    gradient-checkpointing policy (None: the model's training default). ``amp``: ``none``,
-    ``auto`` (bf16 on CPU, fp16 on CUDA), ``bf16`` or ``fp16`` (CUDA only). ``val_every`` (epochs, 0 = only at the end) and
-    ``save_every`` (iterations; ``last.pt`` is also written after every epoch) set the periodic
-    work; ``max_iters`` stops early (smoke runs). ``init`` starts from the model weights of a
-    checkpoint (VOC's second stage). ``workers=None``: ``min(4, usable CPUs)`` DataLoader processes.
-    Validation, whatever ``amp`` is, runs in float32 (see :mod:`ldnbench.runtime`).
-    """
-
-    model: str
-    dataset: str
-    root: str | None = None
-    out: str | None = None  # default results/<model>-<dataset>
-    split: str = "train"
-    val_split: str | None = "val"
-    epochs: int = 300
-    batch_size: int = 16
-    crop: int | None = None
-    scale: tuple[float, float] = (0.5, 2.0)
-    flip: bool = True
-    pad: bool = True
-    lr: float = 4e-4
-    min_lr: float = 0.0
-    backbone_lr_div: float = 4.0
-    weight_decay: float = 0.0
-    main_weight: float = 0.6
-    aux_weight: float = 0.4
-    pretrained: str = "imagenet"
-    init: str | None = None
-    ckpt: str | None = None
-    amp: str = "none"
-    recompute_bn: bool = True
-    val_every: int = 10
-    val_limit: int | None = None
-    save_every: int = 500
-    max_iters: int | None = None
-    seed: int = 0
-    workers: int | None = None  # None: min(4, usable CPUs)
-    device: str = "auto"
-    resume: bool = False
-    model_options: dict[str, Any] = field(default_factory=dict)
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    progress: bool = True
-
-    @classmethod
-    def preset(cls, model: str, dataset: str, **overrides: Any) -> "TrainConfig":
-        """The paper's recipe for ``dataset`` (see :data:`PRESETS`); ``overrides`` that are not None win."""
-        values = dict(PRESETS.get(dataset, {}))
-        random_init_epochs = values.pop("epochs_random_init", None)
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if random_init_epochs and str(given.get("pretrained", "imagenet")).lower() == "none":
-            values["epochs"] = random_init_epochs
-        values.update(given)
-        return cls(model=model, dataset=dataset, **values)
-
-    @property
-    def is_pretrained(self) -> bool:
-        return str(self.pretrained).lower() != "none"
-
-    def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("results") / f"{self.model}-{self.dataset}"
-
 
 @dataclass
 class TrainResult:
@@ -253,21 +172,6 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # --- the run --------------------------------------------------------------------------------------
 
-
-def parse_options(items: Iterable[str]) -> dict[str, Any]:
-    """``["growth_rate=8", "block_config=2,2,2,2"]`` → ``{"growth_rate": 8, "block_config": (2, 2, 2, 2)}``."""
-    import ast
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"option {item!r} is not KEY=VALUE", 2)
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()  # a bare word is a string
-    return out
 
 
 def _autocast_factory(amp: str, device: torch.device):
