@@ -47,18 +47,35 @@ def zoo_cmd(fmt: str, imagenet_compatible: bool) -> None:
 
 
 @main.command("flops")
-@click.option("--model", "model_name", required=True, help="Model name or alias (see `ldnbench zoo`).")
+@click.option("--model", "model_name", default=None, help="Model name or alias (see `ldnbench zoo`).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Count the model a checkpoint describes (its layout options and classes), e.g. a converted one.")
 @click.option("--height", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--width", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--num-classes", type=click.IntRange(min=1), default=19, show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="[default: 19, or the checkpoint's]")
 @click.option("--imagenet-compatible", is_flag=True, help="Count the layout that loads ImageNet weights.")
-def flops_cmd(model_name: str, height: int, width: int, num_classes: int, imagenet_compatible: bool) -> None:
+def flops_cmd(model_name: str | None, checkpoint: str | None, height: int, width: int, num_classes: int | None,
+              imagenet_compatible: bool) -> None:
     """Params, GMAC and GFLOP of one model for one HxW image, and which operators were counted."""
     from ldnbench.models import model_complexity, resolve_model_name
     from ldnbench.models.zoo import format_complexity
 
-    c = model_complexity(resolve_model_name(model_name), height, width, num_classes=num_classes,
-                         imagenet_compatible=imagenet_compatible)
+    options: dict = {}
+    if checkpoint:
+        from ldnbench.checkpoints import read_checkpoint
+
+        meta = read_checkpoint(checkpoint).meta
+        if meta is None:
+            raise UserError(f"{checkpoint} is a bare state dict and does not say which model it holds; pass "
+                            f"--model (and its options) instead, or convert it with `ldnbench convert`", 2)
+        if model_name and resolve_model_name(model_name) != meta.model_name:
+            raise UserError(f"checkpoint {checkpoint} holds a {meta.model_name} model, not {model_name}", 2)
+        model_name, options = meta.model_name, dict(meta.model_options)
+        num_classes = num_classes or meta.num_classes
+    if not model_name:
+        raise UserError("pass --model NAME or --checkpoint FILE", 2)
+    options["imagenet_compatible"] = imagenet_compatible or bool(options.get("imagenet_compatible"))
+    c = model_complexity(resolve_model_name(model_name), height, width, num_classes=num_classes or 19, **options)
     click.echo(format_complexity(c))
 
 
@@ -166,9 +183,10 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     """
     from pathlib import Path
 
+    from ldnbench.checkpoints import load_checkpoint
     from ldnbench.data.labels import get_mapping
     from ldnbench.data.registry import get_dataset
-    from ldnbench.evaluate import evaluate, load_eval_model
+    from ldnbench.evaluate import evaluate
     from ldnbench.inference import MS_SCALES, reuse_freed_memory
     from ldnbench.report.records import write_record
     from ldnbench.runtime import Distributed, check_precision, resolve_device
@@ -178,16 +196,19 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     ds = get_dataset(dataset, root, split)
     if heap_reuse and dev.type == "cpu":
         reuse_freed_memory()
-    model, space, model_options = load_eval_model(checkpoint, model_name, label_space or ds.label_space.name)
+    model, meta = load_checkpoint(checkpoint, model_name, label_space or ds.label_space.name)
+    space = meta.label_space
     mapping = None if space in (None, ds.label_space.name) else get_mapping(space, ds.label_space)
     scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
     with Distributed(dev) as d:
         res = evaluate(model, ds, mapping=mapping, scales=scale_list, flip=flip, sliding=sliding, device=dev,
-                       precision=precision, progress=not quiet, num_workers=workers, max_images=max_images)
+                       precision=precision, progress=not quiet, num_workers=workers, max_images=max_images,
+                       normalization=meta.normalization)
     if not d.is_main:
         return
-    rec = res.to_record(model=model.name, model_options=model_options, dataset=dataset, root=ds.root, split=split,
-                        checkpoint=str(checkpoint), model_label_space=space or ds.label_space.name)
+    rec = res.to_record(model=model.name, model_options=meta.model_options, dataset=dataset, root=ds.root, split=split,
+                        checkpoint=str(checkpoint), model_label_space=space or ds.label_space.name,
+                        normalization=meta.normalization.to_dict(), provenance=meta.provenance)
     path = Path(out) if out else Path("results") / "eval"
     if path.suffix != ".json":
         path = path / f"{model.name}-{dataset}-{split}-{rec['run_id']}.json"

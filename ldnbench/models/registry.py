@@ -199,6 +199,9 @@ def build_model(name: str, num_classes: int, *, pretrained: str | None = None, i
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     if len(options.get("block_config", (0,) * 4)) != 4:
         raise UserError(f"block_config must list 4 dense-block sizes, got {options['block_config']}", 2)
+    if options.get("stem_pool", 3) not in (2, 3):
+        raise UserError(f"stem_pool must be 3 (torchvision's MaxPool2d(3, 2, 1)) or 2 (MaxPool2d(2, 2), the reference "
+                        f"code's), got {options['stem_pool']}", 2)
     compat = imagenet_compatible or pretrained is not None
     if spec.family == "densenet":
         backbone: nn.Module = DenseNetBackbone(
