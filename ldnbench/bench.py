@@ -59,19 +59,13 @@ from ldnbench.errors import UserError
 from ldnbench.inference import prepare_model, reuse_freed_memory
 from ldnbench.runtime import autocast, check_precision, resolve_device
 from ldnbench.models.checkpointing import POLICIES as _MODEL_POLICIES
+from ldnbench.models.peers import PEERS
 
 #: Checkpointing policies of paper Table 11, in the table's order (the model zoo's names).
 POLICIES = tuple(_MODEL_POLICIES)
 
-#: torchvision segmentation models accepted by ``--compare`` (built with random weights).
-COMPARE_MODELS = {
-    "deeplabv3_resnet50": "DeepLabV3, ResNet-50 backbone, output stride 8",
-    "deeplabv3_resnet101": "DeepLabV3, ResNet-101 backbone, output stride 8",
-    "deeplabv3_mobilenet_v3_large": "DeepLabV3, MobileNetV3-Large backbone",
-    "fcn_resnet50": "FCN, ResNet-50 backbone, output stride 8",
-    "fcn_resnet101": "FCN, ResNet-101 backbone, output stride 8",
-    "lraspp_mobilenet_v3_large": "Lite R-ASPP, MobileNetV3-Large backbone",
-}
+#: The torchvision peers of the zoo (``tv-*``) suggested for ``--compare``; any zoo name is accepted.
+COMPARE_MODELS = {name: spec.description for name, spec in PEERS.items()}
 
 #: Columns of ``--json`` for ``bench memory`` (a stable schema: exactly these keys, in this order).
 MEMORY_JSON_KEYS = ("policy", "peak_mb", "images_per_s", "max_batch")
@@ -122,15 +116,23 @@ def resolve_policies(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def resolve_compare(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """Comma list of torchvision model names -> list (UserError exit 2 naming the valid ones)."""
+    """Comma list of zoo names (the ``tv-*`` peers, any LDN, torchvision's own function names as aliases)
+    -> canonical names (UserError exit 2 naming the peers)."""
+    from ldnbench.models import resolve_model_name
+
     if not spec:
         return []
     names = [p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
-    unknown = [n for n in names if n not in COMPARE_MODELS]
+    out, unknown = [], []
+    for n in names:
+        try:
+            out.append(resolve_model_name(n))
+        except UserError:
+            unknown.append(n)
     if unknown:
         raise UserError(f"unknown --compare model {', '.join(map(repr, unknown))}; valid: "
-                        f"{', '.join(COMPARE_MODELS)}.", 2)
-    return names
+                        f"{', '.join(COMPARE_MODELS)} or any zoo model (`ldnbench zoo --peers`).", 2)
+    return out
 
 
 def resolve_bench_model(name: str, down: int | None = None, up: int | None = None) -> str:
@@ -556,23 +558,12 @@ class SpeedRow:
         return {k: getattr(self, k) for k in SPEED_JSON_KEYS}
 
 
-class _LogitsOnly(nn.Module):
-    """torchvision segmentation models return ``{"out": logits}``; the benchmark wants the tensor."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)["out"]
-
-
 def build_compare_model(name: str, num_classes: int) -> nn.Module:
-    """A torchvision segmentation model with random weights (``weights=None, weights_backbone=None``)."""
-    from torchvision.models import segmentation
+    """A zoo model (e.g. a ``tv-*`` peer) with random weights, as ``build_model`` makes it."""
+    from ldnbench.models import build_model
 
-    resolve_compare([name])
-    return _LogitsOnly(getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=num_classes))
+    [key] = resolve_compare([name])
+    return build_model(key, num_classes, checkpointing="none")
 
 
 def image_gmac(make: Callable[[], nn.Module], height: int, width: int) -> float:

@@ -39,11 +39,12 @@ def main() -> None:
               show_default=True, help="Output format.")
 @click.option("--imagenet-compatible", is_flag=True,
               help="Count the layout that loads full torchvision ImageNet weights instead of the paper's.")
-def zoo_cmd(fmt: str, imagenet_compatible: bool) -> None:
+@click.option("--peers", is_flag=True, help="Also list the torchvision peer models (tv-*, 21 classes).")
+def zoo_cmd(fmt: str, imagenet_compatible: bool, peers: bool) -> None:
     """Every registered model: params, GMAC and GFLOP at 1x3x1024x1024 beside the paper's numbers."""
     from ldnbench.models.zoo import format_rows, zoo_rows
 
-    click.echo(format_rows(zoo_rows(imagenet_compatible=imagenet_compatible), fmt))
+    click.echo(format_rows(zoo_rows(imagenet_compatible=imagenet_compatible, peers=peers), fmt))
 
 
 @main.command("flops")
@@ -515,8 +516,8 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Channels-last memory format for weights and input.")
 @click.option("--compare", default="", metavar="NAMES",
-              help="Comma list of torchvision models to time in the same run, e.g. "
-                   "deeplabv3_resnet50,fcn_resnet50,lraspp_mobilenet_v3_large (random weights).")
+              help="Comma list of zoo models to time in the same run, e.g. the torchvision peers "
+                   "tv-deeplabv3-resnet50,tv-fcn-resnet50,tv-lraspp-mobilenet-v3-large (random weights).")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold BatchNorms that read only a conv's output into that conv (every timed model).")
 @_heap_reuse_option

@@ -75,10 +75,10 @@ def load_backbone_state(backbone: nn.Module, state: dict, source: str) -> LoadRe
     return LoadReport(source, len(usable), missing, unexpected, mismatched)
 
 
-def _imagenet_state_dict(arch: str) -> dict:
+def _imagenet_state_dict(arch: str, weights_name: str = "DEFAULT") -> dict:
     try:
-        weights = torchvision.models.get_model_weights(arch).DEFAULT
-    except ValueError:
+        weights = getattr(torchvision.models.get_model_weights(arch), weights_name)
+    except (ValueError, AttributeError):
         raise UserError(f"torchvision has no ImageNet weights for {arch}; use pretrained=None or a state-dict path") \
             from None
     url = weights.url
@@ -99,11 +99,12 @@ def _imagenet_state_dict(arch: str) -> dict:
         raise UserError(f"cannot get ImageNet weights for {arch} ({type(e).__name__}: {e}); {advice}") from None
 
 
-def load_pretrained(model: nn.Module, spec, pretrained: str) -> LoadReport:
-    """Initialise ``model.backbone`` from ``"imagenet"`` (torchvision weights API) or a state-dict file."""
-    arch = torchvision_arch(spec.family, spec.depth)
+def load_backbone_file(backbone: nn.Module, arch: str, pretrained: str, model_name: str,
+                       weights_name: str = "DEFAULT") -> LoadReport:
+    """Initialise ``backbone`` from ``"imagenet"`` (torchvision's ``arch`` weights ``weights_name``, torch hub
+    cache first) or a torchvision-format state-dict file."""
     if pretrained == "imagenet":
-        state, source = _imagenet_state_dict(arch), f"torchvision {arch} ImageNet weights"
+        state, source = _imagenet_state_dict(arch, weights_name), f"torchvision {arch} ImageNet weights"
     else:
         path = Path(pretrained)
         if not path.is_file():
@@ -117,8 +118,13 @@ def load_pretrained(model: nn.Module, spec, pretrained: str) -> LoadReport:
         if not isinstance(state, dict):
             raise UserError(f"{path} does not hold a state dict; save it with torch.save(model.state_dict(), path)")
         source = str(path)
-    report = load_backbone_state(model.backbone, state, source)
+    report = load_backbone_state(backbone, state, source)
     if report.loaded == 0:
-        raise UserError(f"no tensor of {source} fits the {arch} backbone of {spec.name}; is it a torchvision "
+        raise UserError(f"no tensor of {source} fits the {arch} backbone of {model_name}; is it a torchvision "
                         f"{arch} state dict?")
     return report
+
+
+def load_pretrained(model: nn.Module, spec, pretrained: str) -> LoadReport:
+    """Initialise ``model.backbone`` from ``"imagenet"`` (torchvision weights API) or a state-dict file."""
+    return load_backbone_file(model.backbone, torchvision_arch(spec.family, spec.depth), pretrained, spec.name)
