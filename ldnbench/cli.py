@@ -80,6 +80,26 @@ def flops_cmd(model_name: str | None, checkpoint: str | None, height: int, width
     click.echo(format_complexity(c))
 
 
+# --- convert: other codebases' checkpoints (ldnbench.convert) ------------------------------------
+@main.command("convert")
+@click.argument("src")
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--from", "source", required=True, type=click.Choice(["ldn", "torchvision"]),
+              help="ldn: the paper's released checkpoints (ivankreso/LDN); torchvision: its segmentation models "
+                   "(SRC may also be a weights name such as DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1).")
+@click.option("--model", "model_name", default=None,
+              help="Zoo name to convert into [default: read off the file, e.g. ldn121-64to4, tv-deeplabv3-resnet50].")
+@click.option("--label-space", default=None,
+              help="Label space of the logits [default: cityscapes19 for ldn, voc21 for torchvision's 21 classes].")
+def convert_cmd(src: str, dst: str, source: str, model_name: str | None, label_space: str | None) -> None:
+    """Convert checkpoint SRC into the ldnbench checkpoint DST that every command reads with no extra flag."""
+    from ldnbench.convert import convert
+
+    report = convert(src, dst, source, model_name, label_space)
+    click.echo(report.format())
+    click.echo(f"wrote {dst}")
+
+
 # --- datasets: datasets, datasets check, synth (ldnbench.data) -----------------------------------
 @main.group("datasets", invoke_without_command=True)
 @click.pass_context
