@@ -36,6 +36,8 @@ segmentation models (random weights, nothing downloaded) in the same process for
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import contextlib
 import gc
@@ -534,6 +536,8 @@ class SpeedConfig:
     heap_reuse: bool = True
     threads: int | None = None
     seed: int = 0
+    #: time this checkpoint's model (its layout and weights, read by ldnbench.checkpoints) instead of ``model``
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -654,16 +658,23 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
         torch.set_num_threads(cfg.threads)
     heap_reuse = reuse_freed_memory() if cfg.heap_reuse and device == "cpu" else False
     torch.manual_seed(cfg.seed)
+    loaded = None
+    if cfg.checkpoint:
+        from ldnbench.checkpoints import load_checkpoint
+
+        loaded, meta = load_checkpoint(cfg.checkpoint)
+        cfg = dataclasses.replace(cfg, model=meta.model_name, num_classes=meta.num_classes,
+                                  model_options=dict(meta.model_options))
     rows = []
     entries: list[tuple[str, Callable[[], nn.Module]]] = [
         (cfg.model, lambda: build_model(cfg.model, cfg.num_classes, **cfg.model_options))]
     entries += [(n, lambda n=n: build_compare_model(n, cfg.num_classes)) for n in compare]
-    for name, make in entries:
+    for i, (name, make) in enumerate(entries):
         if progress:
             progress(f"{name}: {cfg.warmup} warm-up + {cfg.runs} timed forwards of "
                      f"{cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]} on {device} ...")
         gmac = image_gmac(make, *cfg.size)
-        net, folded = _prepare(make(), cfg, device)
+        net, folded = _prepare(loaded if i == 0 and loaded is not None else make(), cfg, device)
         rows.append(speed_row(name, net, cfg, device, gmac))
         rows[-1].folded_bn = folded
         del net

@@ -529,6 +529,8 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 
 @bench.command("speed")
 @click.option("--model", default="ldn121", show_default=True, help="Model name or alias (see `ldnbench zoo`).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Time the model of this checkpoint (its layout, classes and weights) instead of --model.")
 @click.option("--size", default="1024x2048", show_default=True, help="Input HEIGHTxWIDTH (or one side).")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -547,8 +549,8 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--json", "json_out", default=None, metavar="OUT", help="Also write the rows as a JSON list to OUT.")
 @click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
-def bench_speed_cmd(model, size, batch_size, device, precision, channels_last, compare, fold_bn, heap_reuse, runs, warmup,
-                    num_classes, threads, json_out, out):
+def bench_speed_cmd(model, checkpoint, size, batch_size, device, precision, channels_last, compare, fold_bn, heap_reuse,
+                    runs, warmup, num_classes, threads, json_out, out):
     """Inference latency (median, IQR), FPS and GFLOP/s, beside torchvision models."""
     from ldnbench import bench as B
 
@@ -556,7 +558,7 @@ def bench_speed_cmd(model, size, batch_size, device, precision, channels_last, c
     cfg = B.SpeedConfig(model=B.resolve_bench_model(model), num_classes=num_classes, size=B.parse_size(size),
                         batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
                         compare=names, fold_bn=fold_bn, heap_reuse=heap_reuse, runs=runs, warmup=warmup,
-                        threads=threads)
+                        threads=threads, checkpoint=checkpoint)
     result = B.bench_speed(cfg, progress=lambda m: click.echo(m, err=True))
     click.echo(B.format_speed_table(result))
     _bench_outputs(B.speed_record(result, command=sys.argv), [r.json_row() for r in result.rows], out, json_out)

@@ -159,3 +159,20 @@ def test_commands_load_through_the_module(tmp_path, cli_runner, monkeypatch):
     assert calls == [("ck.pt", "ldnbench.checkpoints", True)]
     assert json.loads(res.record.read_text())["train_dataset"] == "cityscapes"
     assert C.load_checkpoint is load_checkpoint
+
+
+def test_bench_speed_times_a_checkpoints_model(tmp_path, cli_runner):
+    from ldnbench.cli import main
+
+    torch.manual_seed(0)
+    opts = {**TINY, "stem_pool": 2, "imagenet_compatible": True}
+    model = build_model(MODEL, 7, checkpointing="none", **opts)
+    ck = save_checkpoint(tmp_path / "ck.pt", model.state_dict(), CheckpointMeta(MODEL, 7, None, opts))
+    r = cli_runner.invoke(main, ["bench", "speed", "--checkpoint", str(ck), "--size", "64x64", "--runs", "1",
+                                 "--threads", "1", "--out", str(tmp_path / "rec.json")])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["model"] == MODEL and rec["model_options"]["stem_pool"] == 2 and rec["config"]["num_classes"] == 7
+    assert rec["config"]["checkpoint"] == str(ck)
+    c = ldnbench.models.model_complexity(MODEL, 64, 64, num_classes=7, **opts)
+    assert rec["rows"][0]["gmac"] == pytest.approx(c.gmac, abs=1e-3)
