@@ -257,6 +257,12 @@ def test_peers_follow_the_model_contract_and_train(tmp_path):
     loss, parts = SegLoss(5)((logits, aux), torch.randint(0, 5, (2, 50, 70)))
     assert torch.isfinite(loss) and parts["aux"] is not None
     assert build_model("tv-fcn-resnet50", 3, aux=False).aux_heads == []
+    import torchvision
+
+    torch.save(torchvision.models.mobilenet_v3_large(weights=None).state_dict(), tmp_path / "mnv3.pt")
+    peer = build_model("tv-lraspp-mobilenet-v3-large", 3, pretrained=str(tmp_path / "mnv3.pt"))
+    r = peer.pretrained_report  # ImageNet-format backbone file: every backbone tensor loads, the classifier is dropped
+    assert r.loaded == len(peer.backbone.state_dict()) and not (r.missing or r.unexpected or r.mismatched)
     with pytest.raises(UserError, match="no auxiliary head"):
         build_model("tv-lraspp-mobilenet-v3-large", 3, aux=True)
     assert set(PEERS) == {"tv-deeplabv3-resnet50", "tv-deeplabv3-resnet101", "tv-deeplabv3-mobilenet-v3-large",
