@@ -36,6 +36,8 @@ segmentation models (random weights, nothing downloaded) in the same process for
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import gc
 import json
@@ -58,19 +60,13 @@ from ldnbench.errors import UserError
 from ldnbench.inference import prepare_model, reuse_freed_memory
 from ldnbench.runtime import autocast, check_precision, resolve_device
 from ldnbench.models.checkpointing import POLICIES as _MODEL_POLICIES
+from ldnbench.models.peers import PEERS
 
 #: Checkpointing policies of paper Table 11, in the table's order (the model zoo's names).
 POLICIES = tuple(_MODEL_POLICIES)
 
-#: torchvision segmentation models accepted by ``--compare`` (built with random weights).
-COMPARE_MODELS = {
-    "deeplabv3_resnet50": "DeepLabV3, ResNet-50 backbone, output stride 8",
-    "deeplabv3_resnet101": "DeepLabV3, ResNet-101 backbone, output stride 8",
-    "deeplabv3_mobilenet_v3_large": "DeepLabV3, MobileNetV3-Large backbone",
-    "fcn_resnet50": "FCN, ResNet-50 backbone, output stride 8",
-    "fcn_resnet101": "FCN, ResNet-101 backbone, output stride 8",
-    "lraspp_mobilenet_v3_large": "Lite R-ASPP, MobileNetV3-Large backbone",
-}
+#: The torchvision peers of the zoo (``tv-*``) suggested for ``--compare``; any zoo name is accepted.
+COMPARE_MODELS = {name: spec.description for name, spec in PEERS.items()}
 
 #: Columns of ``--json`` for ``bench memory`` (a stable schema: exactly these keys, in this order).
 MEMORY_JSON_KEYS = ("policy", "peak_mb", "images_per_s", "max_batch")
@@ -121,15 +117,23 @@ def resolve_policies(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def resolve_compare(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """Comma list of torchvision model names -> list (UserError exit 2 naming the valid ones)."""
+    """Comma list of zoo names (the ``tv-*`` peers, any LDN, torchvision's own function names as aliases)
+    -> canonical names (UserError exit 2 naming the peers)."""
+    from ldnbench.models import resolve_model_name
+
     if not spec:
         return []
     names = [p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
-    unknown = [n for n in names if n not in COMPARE_MODELS]
+    out, unknown = [], []
+    for n in names:
+        try:
+            out.append(resolve_model_name(n))
+        except UserError:
+            unknown.append(n)
     if unknown:
         raise UserError(f"unknown --compare model {', '.join(map(repr, unknown))}; valid: "
-                        f"{', '.join(COMPARE_MODELS)}.", 2)
-    return names
+                        f"{', '.join(COMPARE_MODELS)} or any zoo model (`ldnbench zoo --peers`).", 2)
+    return out
 
 
 def resolve_bench_model(name: str, down: int | None = None, up: int | None = None) -> str:
@@ -531,6 +535,8 @@ class SpeedConfig:
     heap_reuse: bool = True
     threads: int | None = None
     seed: int = 0
+    #: time this checkpoint's model (its layout and weights, read by ldnbench.checkpoints) instead of ``model``
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -555,23 +561,12 @@ class SpeedRow:
         return {k: getattr(self, k) for k in SPEED_JSON_KEYS}
 
 
-class _LogitsOnly(nn.Module):
-    """torchvision segmentation models return ``{"out": logits}``; the benchmark wants the tensor."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)["out"]
-
-
 def build_compare_model(name: str, num_classes: int) -> nn.Module:
-    """A torchvision segmentation model with random weights (``weights=None, weights_backbone=None``)."""
-    from torchvision.models import segmentation
+    """A zoo model (e.g. a ``tv-*`` peer) with random weights, as ``build_model`` makes it."""
+    from ldnbench.models import build_model
 
-    resolve_compare([name])
-    return _LogitsOnly(getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=num_classes))
+    [key] = resolve_compare([name])
+    return build_model(key, num_classes, checkpointing="none")
 
 
 def image_gmac(make: Callable[[], nn.Module], height: int, width: int) -> float:
@@ -662,16 +657,23 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
         torch.set_num_threads(cfg.threads)
     heap_reuse = reuse_freed_memory() if cfg.heap_reuse and device == "cpu" else False
     torch.manual_seed(cfg.seed)
+    loaded = None
+    if cfg.checkpoint:
+        from ldnbench.checkpoints import load_checkpoint
+
+        loaded, meta = load_checkpoint(cfg.checkpoint)
+        cfg = dataclasses.replace(cfg, model=meta.model_name, num_classes=meta.num_classes,
+                                  model_options=dict(meta.model_options))
     rows = []
     entries: list[tuple[str, Callable[[], nn.Module]]] = [
         (cfg.model, lambda: build_model(cfg.model, cfg.num_classes, **cfg.model_options))]
     entries += [(n, lambda n=n: build_compare_model(n, cfg.num_classes)) for n in compare]
-    for name, make in entries:
+    for i, (name, make) in enumerate(entries):
         if progress:
             progress(f"{name}: {cfg.warmup} warm-up + {cfg.runs} timed forwards of "
                      f"{cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]} on {device} ...")
         gmac = image_gmac(make, *cfg.size)
-        net, folded = _prepare(make(), cfg, device)
+        net, folded = _prepare(loaded if i == 0 and loaded is not None else make(), cfg, device)
         rows.append(speed_row(name, net, cfg, device, gmac))
         rows[-1].folded_bn = folded
         del net

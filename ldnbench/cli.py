@@ -116,27 +116,65 @@ def config_values(cls, values: dict) -> dict:
               show_default=True, help="Output format.")
 @click.option("--imagenet-compatible", is_flag=True,
               help="Count the layout that loads full torchvision ImageNet weights instead of the paper's.")
-def zoo_cmd(fmt: str, imagenet_compatible: bool) -> None:
+@click.option("--peers", is_flag=True, help="Also list the torchvision peer models (tv-*, 21 classes).")
+def zoo_cmd(fmt: str, imagenet_compatible: bool, peers: bool) -> None:
     """Every registered model: params, GMAC and GFLOP at 1x3x1024x1024 beside the paper's numbers."""
     from ldnbench.models.zoo import format_rows, zoo_rows
 
-    click.echo(format_rows(zoo_rows(imagenet_compatible=imagenet_compatible), fmt))
+    click.echo(format_rows(zoo_rows(imagenet_compatible=imagenet_compatible, peers=peers), fmt))
 
 
 @main.command("flops")
-@click.option("--model", "model_name", required=True, help="Model name or alias (see `ldnbench zoo`).")
+@click.option("--model", "model_name", default=None, help="Model name or alias (see `ldnbench zoo`).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Count the model a checkpoint describes (its layout options and classes), e.g. a converted one.")
 @click.option("--height", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--width", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--num-classes", type=click.IntRange(min=1), default=19, show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="[default: 19, or the checkpoint's]")
 @click.option("--imagenet-compatible", is_flag=True, help="Count the layout that loads ImageNet weights.")
-def flops_cmd(model_name: str, height: int, width: int, num_classes: int, imagenet_compatible: bool) -> None:
+def flops_cmd(model_name: str | None, checkpoint: str | None, height: int, width: int, num_classes: int | None,
+              imagenet_compatible: bool) -> None:
     """Params, GMAC and GFLOP of one model for one HxW image, and which operators were counted."""
     from ldnbench.models import model_complexity, resolve_model_name
     from ldnbench.models.zoo import format_complexity
 
-    c = model_complexity(resolve_model_name(model_name), height, width, num_classes=num_classes,
-                         imagenet_compatible=imagenet_compatible)
+    options: dict = {}
+    if checkpoint:
+        from ldnbench.checkpoints import read_checkpoint
+
+        meta = read_checkpoint(checkpoint).meta
+        if meta is None:
+            raise UserError(f"{checkpoint} is a bare state dict and does not say which model it holds; pass "
+                            f"--model (and its options) instead, or convert it with `ldnbench convert`", 2)
+        if model_name and resolve_model_name(model_name) != meta.model_name:
+            raise UserError(f"checkpoint {checkpoint} holds a {meta.model_name} model, not {model_name}", 2)
+        model_name, options = meta.model_name, dict(meta.model_options)
+        num_classes = num_classes or meta.num_classes
+    if not model_name:
+        raise UserError("pass --model NAME or --checkpoint FILE", 2)
+    options["imagenet_compatible"] = imagenet_compatible or bool(options.get("imagenet_compatible"))
+    c = model_complexity(resolve_model_name(model_name), height, width, num_classes=num_classes or 19, **options)
     click.echo(format_complexity(c))
+
+
+# --- convert: other codebases' checkpoints (ldnbench.convert) ------------------------------------
+@main.command("convert")
+@click.argument("src")
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--from", "source", required=True, type=click.Choice(["ldn", "torchvision"]),
+              help="ldn: the paper's released checkpoints (ivankreso/LDN); torchvision: its segmentation models "
+                   "(SRC may also be a weights name such as DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1).")
+@click.option("--model", "model_name", default=None,
+              help="Zoo name to convert into [default: read off the file, e.g. ldn121-64to4, tv-deeplabv3-resnet50].")
+@click.option("--label-space", default=None,
+              help="Label space of the logits [default: cityscapes19 for ldn, voc21 for torchvision's 21 classes].")
+def convert_cmd(src: str, dst: str, source: str, model_name: str | None, label_space: str | None) -> None:
+    """Convert checkpoint SRC into the ldnbench checkpoint DST that every command reads with no extra flag."""
+    from ldnbench.convert import convert
+
+    report = convert(src, dst, source, model_name, label_space)
+    click.echo(report.format())
+    click.echo(f"wrote {dst}")
 
 
 # --- datasets: datasets, datasets check, synth (ldnbench.data) -----------------------------------
@@ -243,9 +281,10 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     """
     from pathlib import Path
 
+    from ldnbench.checkpoints import load_checkpoint
     from ldnbench.data.spaces import get_mapping
     from ldnbench.data.registry import get_dataset
-    from ldnbench.evaluate import evaluate, load_eval_model
+    from ldnbench.evaluate import evaluate
     from ldnbench.inference import MS_SCALES, reuse_freed_memory
     from ldnbench.report.records import write_record
     from ldnbench.runtime import Distributed, check_precision, resolve_device
@@ -255,16 +294,19 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     ds = get_dataset(dataset, root, split)
     if heap_reuse and dev.type == "cpu":
         reuse_freed_memory()
-    model, space, model_options = load_eval_model(checkpoint, model_name, label_space or ds.label_space.name)
+    model, meta = load_checkpoint(checkpoint, model_name, label_space or ds.label_space.name)
+    space = meta.label_space
     mapping = None if space in (None, ds.label_space.name) else get_mapping(space, ds.label_space)
     scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
     with Distributed(dev) as d:
         res = evaluate(model, ds, mapping=mapping, scales=scale_list, flip=flip, sliding=sliding, device=dev,
-                       precision=precision, progress=not quiet, num_workers=workers, max_images=max_images)
+                       precision=precision, progress=not quiet, num_workers=workers, max_images=max_images,
+                       normalization=meta.normalization)
     if not d.is_main:
         return
-    rec = res.to_record(model=model.name, model_options=model_options, dataset=dataset, root=ds.root, split=split,
-                        checkpoint=str(checkpoint), model_label_space=space or ds.label_space.name)
+    rec = res.to_record(model=model.name, model_options=meta.model_options, dataset=dataset, root=ds.root, split=split,
+                        checkpoint=str(checkpoint), model_label_space=space or ds.label_space.name,
+                        normalization=meta.normalization.to_dict(), provenance=meta.provenance)
     path = Path(out) if out else Path("results") / "eval"
     if path.suffix != ".json":
         path = path / f"{model.name}-{dataset}-{split}-{rec['run_id']}.json"
@@ -507,6 +549,8 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 
 @bench.command("speed")
 @click.option("--model", default="ldn121", show_default=True, help="Model name or alias (see `ldnbench zoo`).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Time the model of this checkpoint (its layout, classes and weights) instead of --model.")
 @click.option("--size", default="1024x2048", show_default=True, help="Input HEIGHTxWIDTH (or one side).")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -514,8 +558,8 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Channels-last memory format for weights and input.")
 @click.option("--compare", default="", metavar="NAMES",
-              help="Comma list of torchvision models to time in the same run, e.g. "
-                   "deeplabv3_resnet50,fcn_resnet50,lraspp_mobilenet_v3_large (random weights).")
+              help="Comma list of zoo models to time in the same run, e.g. the torchvision peers "
+                   "tv-deeplabv3-resnet50,tv-fcn-resnet50,tv-lraspp-mobilenet-v3-large (random weights).")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold BatchNorms that read only a conv's output into that conv (every timed model).")
 @_heap_reuse_option
@@ -525,8 +569,8 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--json", "json_out", default=None, metavar="OUT", help="Also write the rows as a JSON list to OUT.")
 @click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
-def bench_speed_cmd(model, size, batch_size, device, precision, channels_last, compare, fold_bn, heap_reuse, runs, warmup,
-                    num_classes, threads, json_out, out):
+def bench_speed_cmd(model, checkpoint, size, batch_size, device, precision, channels_last, compare, fold_bn, heap_reuse,
+                    runs, warmup, num_classes, threads, json_out, out):
     """Inference latency (median, IQR), FPS and GFLOP/s, beside torchvision models."""
     from ldnbench import bench as B
 
@@ -534,7 +578,7 @@ def bench_speed_cmd(model, size, batch_size, device, precision, channels_last, c
     cfg = B.SpeedConfig(model=B.resolve_bench_model(model), num_classes=num_classes, size=B.parse_size(size),
                         batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
                         compare=names, fold_bn=fold_bn, heap_reuse=heap_reuse, runs=runs, warmup=warmup,
-                        threads=threads)
+                        threads=threads, checkpoint=checkpoint)
     result = B.bench_speed(cfg, progress=lambda m: click.echo(m, err=True))
     click.echo(B.format_speed_table(result))
     _bench_outputs(B.speed_record(result, command=sys.argv), [r.json_row() for r in result.rows], out, json_out)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from ldnbench.data.labels import LabelSpace
-from ldnbench.data.transforms import to_input
+from ldnbench.data.transforms import IMAGENET, Normalization, to_input
 from ldnbench.errors import UserError
 from ldnbench.inference import predict, prepare_model
 from ldnbench.runtime import check_precision, get_rank, get_world_size, synchronize
@@ -104,7 +103,8 @@ def _unpack(sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
 def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float] = (1.0,), flip: bool = False,
              sliding: int | tuple[int, float] | None = None, device: str | torch.device = "cpu",
              precision: str = "fp32", progress: bool = True, num_workers: int = 0,
-             max_images: int | None = None, fast: bool = True) -> EvalResult:
+             max_images: int | None = None, fast: bool = True,
+             normalization: Normalization = IMAGENET) -> EvalResult:
     """Evaluate ``model`` on every sample of ``dataset`` (or its first ``max_images``).
 
     ``mapping`` (:func:`ldnbench.data.spaces.get_mapping`) turns the model's logits into the
@@ -113,7 +113,8 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
     (``precision``: ``fp32`` unless ``bf16``/``fp16`` is asked for). ``fast``: run an eval-only copy with BatchNorms
     folded and channels-last weights and inputs (:func:`ldnbench.inference.prepare_model`); ``fast=False``
     runs the model's own layout, operation for operation as ``model(x)``. ``model`` itself is never
-    modified.
+    modified. ``normalization``: how the model wants its input pixels (a checkpoint's
+    ``meta.normalization``; ImageNet statistics for every ldnbench-trained and torchvision model).
     """
     space = _label_space(dataset)
     n_model = getattr(model, "num_classes", None)
@@ -141,7 +142,7 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
         t = time.perf_counter()
         for sample in loader:
             image, label, instances = _unpack(sample)
-            x = to_input(image).to(device)
+            x = to_input(image, normalization).to(device)
             t1 = time.perf_counter()
             pred = predict(net, x[0], settings.scales, settings.flip, settings.sliding, mapping=mapping,
                            channels_last=fast, precision=settings.precision)
@@ -163,48 +164,3 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
     times["total"] = time.perf_counter() - start
     times["per_image"] = times["total"] * world / max(1, result.num_images)
     return EvalResult(result, space.name, settings, str(device), world, {k: round(v, 4) for k, v in times.items()})
-
-
-# ------------------------------------------------------------------ checkpoints and torchrun
-def load_eval_model(checkpoint: str | Path, model_name: str | None = None,
-                    label_space: str | None = None) -> tuple[nn.Module, str | None, dict[str, Any]]:
-    """(model in eval mode, its label space name or None, its model options) from a trainer
-    checkpoint or a bare state dict.
-
-    Trainer checkpoints (``{"model": state_dict, "model_name", "num_classes", "label_space", ...}``)
-    describe themselves; a bare state dict needs ``model_name`` and ``label_space`` and is tried in
-    both layouts (the paper's and the ImageNet-compatible one used when fine-tuning ImageNet weights).
-    """
-    from ldnbench.data.spaces import get_label_space
-    from ldnbench.studies.common import load_trained_model, read_checkpoint
-
-    ck = read_checkpoint(checkpoint)  # weights_only=True
-    space = ck.get("label_space") or label_space
-    num_classes = ck.get("num_classes") or (get_label_space(space).num_classes if space else None)
-    if not num_classes:
-        raise UserError(f"checkpoint {checkpoint} does not say which classes it predicts; pass --label-space", 2)
-    config = ck.get("config") if isinstance(ck.get("config"), dict) else {}
-    options = dict(config.get("model_options") or {})
-    try:
-        model = load_trained_model(model_name, checkpoint, num_classes)
-    except UserError:
-        if "config" in ck or "model_name" in ck:
-            raise
-        model = load_trained_model(model_name, checkpoint, num_classes, imagenet_compatible=True)
-        options["imagenet_compatible"] = True
-    return model, space, options
-
-
-def init_distributed(device: str | torch.device = "cpu") -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); True if this call created it."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return True

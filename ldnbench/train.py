@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ldnbench.checkpoints import CheckpointMeta, read_checkpoint, save_checkpoint
 from ldnbench.errors import UserError
-from ldnbench.fileio import atomic_torch_save
 from ldnbench.losses import SegLoss
 from ldnbench.models.batchnorm import convert_sync_batchnorm, recompute_bn_stats
 from ldnbench.train_config import TrainConfig
@@ -278,12 +278,13 @@ def _build_model(cfg: TrainConfig, num_classes: int):
     if cfg.init:
         # The start checkpoint carries the weights; build its layout without loading ImageNet again.
         model = build_model(name, num_classes, imagenet_compatible=cfg.is_pretrained, **opts)
-        state = _load_checkpoint(Path(cfg.init))
-        if state.get("num_classes") != num_classes:
-            raise UserError(f"--init checkpoint {cfg.init} has {state.get('num_classes')} classes, the dataset "
+        ck = read_checkpoint(cfg.init)
+        init_classes = ck.meta.num_classes if ck.meta else None
+        if init_classes != num_classes:
+            raise UserError(f"--init checkpoint {cfg.init} has {init_classes} classes, the dataset "
                             f"{num_classes}", 2)
         try:
-            model.load_state_dict(state["model"])
+            model.load_state_dict(ck.state)
         except RuntimeError as e:
             raise UserError(f"--init checkpoint {cfg.init} does not fit model {name}: {str(e).splitlines()[0]}", 2) from None
         return model
@@ -291,16 +292,6 @@ def _build_model(cfg: TrainConfig, num_classes: int):
     if pretrained not in (None, "imagenet") and not Path(pretrained).is_file():
         raise UserError(f"--pretrained {pretrained}: no such file; use imagenet, none or a state-dict path", 2)
     return build_model(name, num_classes, pretrained=pretrained, **opts)
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist", 1)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt/truncated/foreign file: torch raises many types
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                        f"delete it or point elsewhere", 1) from None
 
 
 def _param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -402,7 +393,8 @@ class _Run:
         self.final_metrics: dict[str, Any] | None = None
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if cfg.resume:
-            self._restore(_load_checkpoint(self.last_path))
+            ck = read_checkpoint(self.last_path)
+            self._restore({**ck.extra, **(ck.meta.to_dict() if ck.meta else {}), "model": ck.state})
 
     @property
     def is_main(self) -> bool:
@@ -416,14 +408,17 @@ class _Run:
 
     # --- checkpoints ------------------------------------------------------------------------------
 
-    def _meta(self) -> dict[str, Any]:
-        return {"model_name": self.model.name, "num_classes": self.label_space.num_classes,
-                "label_space": self.label_space.name, "config": dataclasses.asdict(self.cfg)}
+    def _meta(self) -> CheckpointMeta:
+        # the layout the model was built in (build_model: pretrained weights imply the torchvision layout)
+        compat = bool(self.cfg.model_options.get("imagenet_compatible")) or self.cfg.is_pretrained
+        options = {**self.cfg.model_options, "imagenet_compatible": compat}
+        return CheckpointMeta(self.model.name, self.label_space.num_classes, self.label_space.name, options,
+                              config=dataclasses.asdict(self.cfg), provenance={"source": "ldnbench-train"})
 
     def _state(self) -> dict[str, Any]:
+        """The progress state that goes into last.pt beside the weights and the meta."""
         rng = _rng_state(self.device)
-        state = {"model": self.model.state_dict(), **self._meta(),
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rng,
                  "epoch": self.epoch, "step": self.step, "iteration": self.iteration,
                  "world_size": self.d.world, "running": dict(self.running), "history": self.history,
@@ -437,7 +432,7 @@ class _Run:
     def _save_last(self) -> None:
         state = self._state()  # collective under DDP: every process must get here
         if self.is_main:
-            atomic_torch_save(self.last_path, state)
+            save_checkpoint(self.last_path, self.model.state_dict(), self._meta(), **state)
 
     def _restore(self, ck: dict[str, Any]) -> None:
         if ck.get("model_name") != self.model.name or ck.get("num_classes") != self.label_space.num_classes:
@@ -590,7 +585,7 @@ class _Run:
         if not self.last_path.exists():
             return "none yet"
         try:
-            return str(torch.load(self.last_path, map_location="cpu", weights_only=True)["iteration"])
+            return str(read_checkpoint(self.last_path).extra["iteration"])
         except Exception:
             return "unknown"
 
@@ -634,8 +629,8 @@ class _Run:
             return
         self.best = {"miou": miou, "epoch": self.epoch, "iteration": self.iteration, "final": final}
         if self.is_main:
-            atomic_torch_save(self.best_path, {"model": self.model.state_dict(), **self._meta(), "epoch": self.epoch,
-                                               "iteration": self.iteration, "metrics": metrics})
+            save_checkpoint(self.best_path, self.model.state_dict(), self._meta(), epoch=self.epoch,
+                            iteration=self.iteration, metrics=metrics)
 
 
 def _global_mean_count(counts: torch.Tensor) -> torch.Tensor:

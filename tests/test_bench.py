@@ -112,11 +112,11 @@ def test_speed_rows_and_json_schema(cli_runner, tmp_path):
     out, rec_path = tmp_path / "rows.json", tmp_path / "rec.json"
     r = cli_runner.invoke(main, ["bench", "speed", "--model", "ldn121", "--size", "64x96", "--runs", "2",
                                  "--threads", "1",
-                                 "--compare", "lraspp_mobilenet_v3_large", "--json", str(out),
+                                 "--compare", "tv-lraspp-mobilenet-v3-large", "--json", str(out),
                                  "--out", str(rec_path)])
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())
-    assert [row["model"] for row in rows] == ["ldn121-64to4", "lraspp_mobilenet_v3_large"]
+    assert [row["model"] for row in rows] == ["ldn121-64to4", "tv-lraspp-mobilenet-v3-large"]
     for row in rows:
         assert list(row) == list(B.SPEED_JSON_KEYS)
         assert row["size"] == "64x96" and row["batch_size"] == 1
@@ -129,7 +129,7 @@ def test_speed_rows_and_json_schema(cli_runner, tmp_path):
     rec = json.loads(rec_path.read_text())
     assert rec["kind"] == "bench-speed" and len(rec["rows"]) == 2 and len(rec["rows"][0]["latencies_ms"]) == 2
     assert all(row["cpu_ms_median"] > 0 and row["folded_bn"] > 0 for row in rec["rows"])  # BN folded by default
-    assert "speedup_vs_lraspp_mobilenet_v3_large" in rec["metrics"]
+    assert "speedup_vs_tv-lraspp-mobilenet-v3-large" in rec["metrics"]
 
 
 

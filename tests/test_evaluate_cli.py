@@ -97,13 +97,14 @@ def test_cli_eval_errors_are_one_line(setup, cli_runner):
 
 def test_bare_state_dict_of_an_imagenet_finetuned_model_loads(tmp_path):
     """The paper's layout is tried first; the ImageNet-compatible layout is the fallback."""
-    from ldnbench.evaluate import load_eval_model
+    from ldnbench.checkpoints import load_checkpoint
     from ldnbench.models import build_model
 
     for compat in (True,):
         model = build_model(MODEL, 19, imagenet_compatible=compat, checkpointing="none")
         torch.save(model.state_dict(), tmp_path / "bare.pt")
-        loaded, space, options = load_eval_model(tmp_path / "bare.pt", MODEL, "cityscapes19")
+        loaded, meta = load_checkpoint(tmp_path / "bare.pt", MODEL, "cityscapes19")
+        space, options = meta.label_space, meta.model_options
         assert space == "cityscapes19" and not loaded.training and options == {"imagenet_compatible": True}
         key = next(iter(model.state_dict()))
         assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])

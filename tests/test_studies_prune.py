@@ -13,7 +13,7 @@ from ldnbench.data.labels import LabelSpace
 from ldnbench.errors import UserError
 from ldnbench.metrics import SegMetrics
 from ldnbench.models import build_model
-from ldnbench.studies.common import load_trained_model
+from ldnbench.checkpoints import load_checkpoint
 from ldnbench.studies.prune import (PruneConfig, UnitPruner, backbone_blocks, parse_fractions, run_prune,
                                     select_blocks, units_to_prune)
 
@@ -169,18 +169,18 @@ def test_run_prune_writes_csv_record_figures_and_keeps_checkpoint(tmp_path):
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
 
 
-def test_load_trained_model_errors(tmp_path):
+def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        load_trained_model("lrn18-32to4", tmp_path / "nope.pt", 3)
+        load_checkpoint(tmp_path / "nope.pt", "lrn18-32to4", num_classes=3)
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"foo": torch.zeros(1)}}, bad)
     with pytest.raises(UserError, match="does not fit"):
-        load_trained_model("lrn18-32to4", bad, 3)
+        load_checkpoint(bad, "lrn18-32to4", num_classes=3)
     good = tmp_path / "good.pt"
     torch.manual_seed(1)
     m = build_model("lrn18-32to4", 3)
     torch.save({"model": m.state_dict()}, good)
-    m2 = load_trained_model("lrn18-32to4", good, 3)
+    m2, _ = load_checkpoint(good, "lrn18-32to4", num_classes=3)
     with pytest.raises(UserError, match="does not say which model"):
-        load_trained_model(None, good, None)
+        load_checkpoint(good)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))

@@ -92,10 +92,12 @@ def test_loss_decreases_and_run_files_are_complete(cs_root, tmp_path):
     best = torch.load(res.best_checkpoint, weights_only=True)
     assert best["metrics"]["miou"] == res.best_miou == max(res.final_metrics["miou"], res.history[3]["val"]["miou"])
     # the evaluator reads the trainer's checkpoints as they are
-    from ldnbench.evaluate import evaluate, load_eval_model
+    from ldnbench.checkpoints import load_checkpoint
+    from ldnbench.evaluate import evaluate
     from ldnbench.data.registry import get_dataset
 
-    model, space, *_ = load_eval_model(res.last_checkpoint)
+    model, meta = load_checkpoint(res.last_checkpoint)
+    space = meta.label_space
     assert space == "cityscapes19"
     again = evaluate(model, get_dataset("cityscapes", cs_root, "val"), progress=False).metrics.to_dict()
     assert again["miou"] == pytest.approx(res.final_metrics["miou"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.utils.data
@@ -13,19 +15,49 @@ STD = (0.229, 0.224, 0.225)
 MEAN_PIXEL = tuple(round(255 * m) for m in MEAN)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N)x3xHxW in 0..255 -> float32 normalised with :data:`MEAN`/:data:`STD`."""
-    x = images.float().div_(255)
+@dataclass(frozen=True)
+class Normalization:
+    """How a model wants its input: ``(pixel / 255 * max_value - mean) / std`` per RGB channel.
+
+    ``max_value`` is the scale the mean/std are given on: 1 for torchvision's ImageNet statistics,
+    255 for models trained on raw 0-255 pixels (the paper's released LDN checkpoints).
+    """
+
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+    max_value: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "max_value": self.max_value}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Normalization":
+        if not d:
+            return IMAGENET
+        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]),
+                   float(d.get("max_value", 1.0)))
+
+
+#: torchvision's ImageNet statistics on the 0-1 scale: every ldnbench-trained and torchvision model.
+IMAGENET = Normalization()
+
+
+def normalize(images: torch.Tensor, normalization: Normalization = IMAGENET) -> torch.Tensor:
+    """uint8 (N)x3xHxW in 0..255 -> float32 normalised as ``normalization`` says (ImageNet by default)."""
+    n = normalization
+    x = images.float()
+    if n.max_value != 255:
+        x = x.div_(255 / n.max_value)
     shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
-    mean = torch.tensor(MEAN, device=x.device).view(shape)
-    std = torch.tensor(STD, device=x.device).view(shape)
+    mean = torch.tensor(n.mean, device=x.device).view(shape)
+    std = torch.tensor(n.std, device=x.device).view(shape)
     return x.sub_(mean).div_(std)
 
 
-def to_input(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+def to_input(image: np.ndarray | torch.Tensor, normalization: Normalization = IMAGENET) -> torch.Tensor:
     """One HxWx3 uint8 image -> 1x3xHxW normalised float tensor (the model's input)."""
     t = torch.as_tensor(image)
-    return normalize(t.permute(2, 0, 1).unsqueeze(0))
+    return normalize(t.permute(2, 0, 1).unsqueeze(0), normalization)
 
 
 def _crop_size(crop: int | tuple[int, int]) -> tuple[int, int]:

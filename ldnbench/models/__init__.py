@@ -8,8 +8,9 @@ checkpointing policies in :mod:`ldnbench.models.checkpointing`.
 from ldnbench.models.checkpointing import DEFAULT_TRAIN_POLICY, POLICIES
 from ldnbench.models.complexity import Complexity, count_macs, count_params, model_complexity
 from ldnbench.models.ladder import HeadConfig, LadderNet
+from ldnbench.models.peers import PEERS, TorchvisionSegNet
 from ldnbench.models.registry import ALIASES, MODELS, ModelSpec, build_model, get_spec, resolve_model_name
 
-__all__ = ["ALIASES", "DEFAULT_TRAIN_POLICY", "MODELS", "POLICIES", "Complexity", "HeadConfig", "LadderNet",
+__all__ = ["ALIASES", "DEFAULT_TRAIN_POLICY", "MODELS", "POLICIES", "Complexity", "HeadConfig", "LadderNet", "PEERS", "TorchvisionSegNet",
            "ModelSpec", "build_model", "count_macs", "count_params", "get_spec", "model_complexity",
            "resolve_model_name"]

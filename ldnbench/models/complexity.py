@@ -77,10 +77,11 @@ def count_macs(model: nn.Module, height: int = 1024, width: int = 1024, name: st
 
 
 def model_complexity(name: str, height: int = 1024, width: int = 1024, num_classes: int = 19,
-                     imagenet_compatible: bool = False) -> Complexity:
-    """Build ``name`` on the meta device and count it."""
+                     imagenet_compatible: bool = False, **options) -> Complexity:
+    """Build ``name`` on the meta device and count it; ``options`` are ``build_model`` options (a
+    checkpoint's ``meta.model_options``, e.g. ``spp_out=512, stem_pool=2`` of a converted LDN)."""
     from ldnbench.models.registry import build_model
 
     with torch.device("meta"):
-        model = build_model(name, num_classes, imagenet_compatible=imagenet_compatible)
+        model = build_model(name, num_classes, imagenet_compatible=imagenet_compatible, **options)
     return count_macs(model, height, width)

@@ -50,7 +50,9 @@ DENSENET_DEPTHS: dict[int, tuple[int, tuple[int, ...], int]] = {
 class DenseNetConfig:
     """Backbone configuration. ``strides[i]`` is the stride of the transition after block ``i``
     (1 = no pooling, for dilated variants), ``splits[i]`` splits block ``i`` in half by a 2×2
-    average pool, ``dilations[i]`` dilates the 3×3 convs of block ``i``."""
+    average pool, ``dilations[i]`` dilates the 3×3 convs of block ``i``. ``stem_pool`` is the kernel of
+    the stem's stride-2 max pool: 3 (torchvision's ``MaxPool2d(3, 2, 1)``) or 2 (``MaxPool2d(2, 2)``, the
+    reference code's, needed for a faithful forward of the paper's released checkpoints)."""
 
     growth_rate: int = 32
     block_config: tuple[int, ...] = (6, 12, 24, 16)
@@ -61,6 +63,7 @@ class DenseNetConfig:
     splits: tuple[bool, ...] = (False, False, True, False)
     dilations: tuple[int, ...] = (1, 1, 1, 1)
     stem_skip: bool = False
+    stem_pool: int = 3
 
 
 class DenseLayer(nn.Module):
@@ -182,7 +185,9 @@ class DenseNetBackbone(nn.Module):
         self.conv0 = nn.Conv2d(3, c, 7, stride=2, padding=3, bias=False)
         if cfg.bottleneck_always:
             self.norm0 = BatchNorm2d(c)
-        self.pool0 = nn.MaxPool2d(3, 2, 1)
+        if cfg.stem_pool not in (2, 3):
+            raise ValueError(f"stem_pool must be 2 or 3, got {cfg.stem_pool}")
+        self.pool0 = nn.MaxPool2d(3, 2, 1) if cfg.stem_pool == 3 else nn.MaxPool2d(2, 2)
         red = 4
         self.skip_channels: list[int] = [c] if cfg.stem_skip else []
         self.skip_reductions: list[int] = [2] if cfg.stem_skip else []

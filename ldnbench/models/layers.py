@@ -86,7 +86,8 @@ class SpatialPyramidPooling(nn.Module):
         h, w = x.shape[-2:]
         parts = [x]
         for g, conv in zip(self.grids, self.levels):
-            cells = (g, g) if self.square_grid else (g, max(1, round(g * w / h)))
+            # (w / h) * g, evaluated in the reference code's order so that .5 ties round the same way
+            cells = (g, g) if self.square_grid else (g, max(1, round(w / h * g)))
             parts.append(upsample(conv(F.adaptive_avg_pool2d(x, cells)), (h, w)))
         return self.fuse(torch.cat(parts, 1))
 

@@ -13,6 +13,7 @@ from ldnbench.errors import UserError
 from ldnbench.models.checkpointing import DEFAULT_TRAIN_POLICY
 from ldnbench.models.densenet import DENSENET_DEPTHS, DenseNetBackbone, DenseNetConfig
 from ldnbench.models.ladder import HeadConfig, LadderNet
+from ldnbench.models.peers import PEER_ALIASES, PEERS, build_peer
 from ldnbench.models.resnet import RESNET_DEPTHS, ResNetBackbone
 
 ABLATIONS = ("nospp", "pspspp", "noaux", "dws")
@@ -123,21 +124,24 @@ def resolve_model_name(name: str) -> str:
     Raises ``UserError`` (exit 2) listing the valid names otherwise.
     """
     key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key in MODELS:
+    key = ALIASES.get(key, PEER_ALIASES.get(key, key))
+    if key in MODELS or key in PEERS:
         return key
     try:
         parse_model_name(key)
     except ValueError:
-        valid = ", ".join(list(MODELS) + [f"{a} (= {c})" for a, c in ALIASES.items()])
+        valid = ", ".join(list(MODELS) + [f"{a} (= {c})" for a, c in ALIASES.items()] + list(PEERS))
         raise UserError(f"unknown model {name!r}; valid models: {valid} (or any ldn<121|161|169|201>-<32|64|128>to<u> "
                         f"/ lrn<18|34|50|101|152>-32to<u> combination)", 2) from None
     return key
 
 
 def get_spec(name: str) -> ModelSpec:
-    """Spec of a model name (aliases resolved)."""
+    """Spec of an LDN/LRN model name (aliases resolved); torchvision peers have :data:`PEERS` entries instead."""
     key = resolve_model_name(name)
+    if key in PEERS:
+        raise UserError(f"{key} is a torchvision peer model, not a ladder network; this operation needs an "
+                        f"ldn/lrn model", 2)
     return MODELS[key] if key in MODELS else parse_model_name(key)
 
 
@@ -175,7 +179,7 @@ def _head_config(spec: ModelSpec, overrides: dict) -> HeadConfig:
 
 
 def build_model(name: str, num_classes: int, *, pretrained: str | None = None, imagenet_compatible: bool = False,
-                checkpointing: str = DEFAULT_TRAIN_POLICY, **options) -> LadderNet:
+                checkpointing: str = DEFAULT_TRAIN_POLICY, **options) -> nn.Module:
     """Build a model by name.
 
     ``pretrained``: None (random init, the paper's layout unless ``imagenet_compatible``),
@@ -183,9 +187,21 @@ def build_model(name: str, num_classes: int, *, pretrained: str | None = None, i
     to a torchvision-format state dict; pretrained models always use the full torchvision layout.
     ``checkpointing``: policy name used in training (see :mod:`ldnbench.models.checkpointing`).
     Other ``options`` override fields of :class:`DenseNetConfig` (e.g. ``growth_rate``,
-    ``block_config``) or :class:`HeadConfig` (e.g. ``spp_out``, ``up_widths``).
+    ``block_config``, ``stem_pool``) or :class:`HeadConfig` (e.g. ``spp_out``, ``up_widths``).
+    torchvision peers (``tv-*``, :mod:`ldnbench.models.peers`) take only ``aux``.
     """
-    spec = get_spec(name)
+    key = resolve_model_name(name)
+    if key in PEERS:
+        if num_classes < 1:
+            raise UserError(f"num_classes must be at least 1, got {num_classes}", 2)
+        model = build_peer(key, num_classes, pretrained=pretrained, imagenet_compatible=imagenet_compatible, **options)
+        model.set_checkpointing(checkpointing)
+        if model.pretrained_report is not None:
+            r = model.pretrained_report
+            if r.missing or r.unexpected or r.mismatched:
+                warnings.warn(r.summary(), stacklevel=2)
+        return model
+    spec = get_spec(key)
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}", 2)
     head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
@@ -199,6 +215,9 @@ def build_model(name: str, num_classes: int, *, pretrained: str | None = None, i
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     if len(options.get("block_config", (0,) * 4)) != 4:
         raise UserError(f"block_config must list 4 dense-block sizes, got {options['block_config']}", 2)
+    if options.get("stem_pool", 3) not in (2, 3):
+        raise UserError(f"stem_pool must be 3 (torchvision's MaxPool2d(3, 2, 1)) or 2 (MaxPool2d(2, 2), the reference "
+                        f"code's), got {options['stem_pool']}", 2)
     compat = imagenet_compatible or pretrained is not None
     if spec.family == "densenet":
         backbone: nn.Module = DenseNetBackbone(

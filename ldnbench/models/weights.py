@@ -75,35 +75,49 @@ def load_backbone_state(backbone: nn.Module, state: dict, source: str) -> LoadRe
     return LoadReport(source, len(usable), missing, unexpected, mismatched)
 
 
-def _imagenet_state_dict(arch: str) -> dict:
-    try:
-        weights = torchvision.models.get_model_weights(arch).DEFAULT
-    except ValueError:
-        raise UserError(f"torchvision has no ImageNet weights for {arch}; use pretrained=None or a state-dict path") \
-            from None
+def _weights_state(weights, what: str, fallback: str) -> dict:
+    """State dict of a torchvision weights enum member: the torch hub cache first, then the download."""
     url = weights.url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-    advice = (f"download {url} on a machine with internet and pass its path as the pretrained weights "
-              f"(or copy it to {cached})")
+    advice = f"download {url} on a machine with internet and {fallback} (or copy it to {cached})"
     if not cached.exists():
         # Fail in well under a second offline instead of letting urllib wait for a connection.
         host = urlparse(url).hostname
         try:
             socket.create_connection((host, 443), timeout=5).close()
         except OSError as e:
-            raise UserError(f"cannot download ImageNet weights for {arch} ({host} unreachable: {e}); {advice}") \
-                from None
+            raise UserError(f"cannot download {what} ({host} unreachable: {e}); {advice}") from None
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as e:  # urllib, hash and unpickling errors all mean the same to the user
-        raise UserError(f"cannot get ImageNet weights for {arch} ({type(e).__name__}: {e}); {advice}") from None
+        raise UserError(f"cannot get {what} ({type(e).__name__}: {e}); {advice}") from None
 
 
-def load_pretrained(model: nn.Module, spec, pretrained: str) -> LoadReport:
-    """Initialise ``model.backbone`` from ``"imagenet"`` (torchvision weights API) or a state-dict file."""
-    arch = torchvision_arch(spec.family, spec.depth)
+def _imagenet_state_dict(arch: str, weights_name: str = "DEFAULT") -> dict:
+    try:
+        weights = getattr(torchvision.models.get_model_weights(arch), weights_name)
+    except (ValueError, AttributeError):
+        raise UserError(f"torchvision has no ImageNet weights for {arch}; use pretrained=None or a state-dict path") \
+            from None
+    return _weights_state(weights, f"ImageNet weights for {arch}", "pass its path as the pretrained weights")
+
+
+def torchvision_weights_state(name: str) -> dict:
+    """State dict of torchvision weights given by enum name, e.g. ``DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1``."""
+    try:
+        weights = torchvision.models.get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"torchvision has no weights named {name!r}; e.g. "
+                        f"DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1", 2) from None
+    return _weights_state(weights, f"torchvision weights {name}", "pass the file's path")
+
+
+def load_backbone_file(backbone: nn.Module, arch: str, pretrained: str, model_name: str,
+                       weights_name: str = "DEFAULT") -> LoadReport:
+    """Initialise ``backbone`` from ``"imagenet"`` (torchvision's ``arch`` weights ``weights_name``, torch hub
+    cache first) or a torchvision-format state-dict file."""
     if pretrained == "imagenet":
-        state, source = _imagenet_state_dict(arch), f"torchvision {arch} ImageNet weights"
+        state, source = _imagenet_state_dict(arch, weights_name), f"torchvision {arch} ImageNet weights"
     else:
         path = Path(pretrained)
         if not path.is_file():
@@ -117,8 +131,13 @@ def load_pretrained(model: nn.Module, spec, pretrained: str) -> LoadReport:
         if not isinstance(state, dict):
             raise UserError(f"{path} does not hold a state dict; save it with torch.save(model.state_dict(), path)")
         source = str(path)
-    report = load_backbone_state(model.backbone, state, source)
+    report = load_backbone_state(backbone, state, source)
     if report.loaded == 0:
-        raise UserError(f"no tensor of {source} fits the {arch} backbone of {spec.name}; is it a torchvision "
+        raise UserError(f"no tensor of {source} fits the {arch} backbone of {model_name}; is it a torchvision "
                         f"{arch} state dict?")
     return report
+
+
+def load_pretrained(model: nn.Module, spec, pretrained: str) -> LoadReport:
+    """Initialise ``model.backbone`` from ``"imagenet"`` (torchvision weights API) or a state-dict file."""
+    return load_backbone_file(model.backbone, torchvision_arch(spec.family, spec.depth), pretrained, spec.name)

@@ -9,7 +9,8 @@ import pandas as pd
 
 from ldnbench.errors import UserError
 from ldnbench.models.complexity import Complexity, model_complexity
-from ldnbench.models.registry import MODELS, get_spec
+from ldnbench.models.peers import PEERS
+from ldnbench.models.registry import MODELS, get_spec, resolve_model_name
 
 FORMATS = ("table", "csv", "latex", "markdown", "json")
 JSON_KEYS = ("model", "params_m", "gmac", "gflop", "paper_params_m", "paper_gmac")
@@ -34,7 +35,11 @@ def _dev(ours: float, paper: float | None) -> float | None:
 
 
 def zoo_row(name: str, height: int = 1024, width: int = 1024, imagenet_compatible: bool = False) -> ZooRow:
-    spec = get_spec(name)
+    key = resolve_model_name(name)
+    if key in PEERS:  # torchvision peers: one layout, no paper row (21 classes as their COCO/VOC weights)
+        c = model_complexity(key, height, width, num_classes=21)
+        return ZooRow(key, c.params_m, c.gmac, c.gflop, None, None, None, None, None, PEERS[key].description)
+    spec = get_spec(key)
     c: Complexity = model_complexity(spec.name, height, width, imagenet_compatible=imagenet_compatible)
     # The paper's numbers are for 1 MPx and the paper layout; other sizes/layouts get no comparison.
     paper = (height, width) == (1024, 1024) and not imagenet_compatible
@@ -44,9 +49,11 @@ def zoo_row(name: str, height: int = 1024, width: int = 1024, imagenet_compatibl
                   spec.paper_table, spec.note if paper else "")
 
 
-def zoo_rows(imagenet_compatible: bool = False, names: list[str] | None = None) -> list[ZooRow]:
-    """One row per registered model (or per name in ``names``) at 1×3×1024×1024."""
-    return [zoo_row(n, imagenet_compatible=imagenet_compatible) for n in (names or list(MODELS))]
+def zoo_rows(imagenet_compatible: bool = False, names: list[str] | None = None, peers: bool = False) -> list[ZooRow]:
+    """One row per registered model (or per name in ``names``) at 1×3×1024×1024; ``peers`` appends the
+    torchvision peers (``tv-*``)."""
+    names = list(names or MODELS) + (list(PEERS) if peers else [])
+    return [zoo_row(n, imagenet_compatible=imagenet_compatible) for n in names]
 
 
 def _frame(rows: list[ZooRow]) -> pd.DataFrame:

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 
 from ldnbench.errors import UserError
-from ldnbench.studies.common import (EvaluateFn, dataset_label_space, default_eval_settings, default_evaluate,
-                                     load_trained_model)
+from ldnbench.checkpoints import load_checkpoint
+from ldnbench.studies.common import EvaluateFn, default_eval_settings, default_evaluate, model_mapping
 
 #: TrainConfig fields that do not change the trained weights (left out of the configuration hash).
 HASH_EXCLUDED = {"out", "resume", "progress", "workers", "device", "val_every", "val_limit", "val_split",
@@ -236,7 +236,6 @@ class _Study:
         return rec if ok and rec["metrics"].get("miou") is not None else None
 
     def evaluate_cell(self, train: str, h: str, ckpt: Path, ev: str, model_cache: dict) -> dict:
-        from ldnbench.data.spaces import get_mapping
         from ldnbench.report.records import make_record, write_record
 
         dataset = self.open_dataset(ev, self.cfg.eval_split)
@@ -244,16 +243,10 @@ class _Study:
             dataset = torch.utils.data.Subset(dataset, range(self.cfg.eval_limit))
         if train not in model_cache:
             model_cache.clear()  # one model in memory at a time
-            model_cache[train] = load_trained_model(self.model, ckpt, None)
-        model = model_cache[train]
-        src = getattr(model, "label_space_name", None)
-        dst = dataset_label_space(dataset)
-        mapping = None
-        if src and src != dst.name:
-            from ldnbench.data.spaces import get_label_space
-
-            mapping = get_mapping(get_label_space(src), dst)
-        evaluate_fn = self.evaluate_fn or default_evaluate(self.cfg.device)
+            model_cache[train] = load_checkpoint(ckpt, self.model)
+        model, meta = model_cache[train]
+        mapping = model_mapping(meta.label_space, dataset)
+        evaluate_fn = self.evaluate_fn or default_evaluate(self.cfg.device, meta.normalization)
         metrics = evaluate_fn(model, dataset, mapping)
         rec = make_record("cross-cell", model=self.model, model_options=self.cfg.train_options.get("model_options"),
                           dataset=ev, root=self.root(ev), split=self.cfg.eval_split,

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ldnbench.errors import UserError
+from ldnbench.checkpoints import CheckpointMeta, load_checkpoint
 from ldnbench.studies.common import (EvaluateFn, dataset_label_space, default_eval_settings, default_evaluate,
-                                     load_trained_model, model_mapping)
+                                     model_mapping)
 
 DEFAULT_FRACTIONS = tuple(round(i / 10, 1) for i in range(11))
 
@@ -200,7 +201,7 @@ def prune_curve(model: nn.Module, dataset: Any, fractions: Sequence[float], eval
 
 
 def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model: nn.Module | None = None,
-              dataset: Any = None, progress: Callable[[str], None] | None = None,
+              meta: CheckpointMeta | None = None, dataset: Any = None, progress: Callable[[str], None] | None = None,
               command: list[str] | None = None) -> PruneResult:
     """Run the study, write ``<out>/prune-<model>-<dataset>-<id>/{prune.csv,result.json,*.png,*.pdf}``."""
     from ldnbench.data.registry import get_dataset
@@ -216,11 +217,12 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
         dataset = torch.utils.data.Subset(dataset, range(cfg.max_images))
     space = dataset_label_space(dataset)
     if model is None:
-        model = load_trained_model(cfg.model, cfg.checkpoint, space.num_classes)
+        model, meta = load_checkpoint(cfg.checkpoint, cfg.model, num_classes=space.num_classes)
     model.eval()
     default = evaluate_fn is None
-    evaluate_fn = evaluate_fn or default_evaluate(cfg.device)
-    curve, per_block = prune_curve(model, dataset, cfg.fractions, evaluate_fn, cfg.blocks, model_mapping(model, dataset),
+    evaluate_fn = evaluate_fn or default_evaluate(cfg.device, meta.normalization if meta else None)
+    mapping = model_mapping(meta.label_space if meta else None, dataset)
+    curve, per_block = prune_curve(model, dataset, cfg.fractions, evaluate_fn, cfg.blocks, mapping,
                                    progress)
     classes = list(space.classes)
     result = PruneResult(curve, classes, per_block)
@@ -228,7 +230,7 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
                       split=cfg.split, device=cfg.device, command=command,
                       metrics={"miou_unpruned": next((p["miou"] for p in curve if p["fraction"] == 0), None)},
                       checkpoint=str(cfg.checkpoint) if cfg.checkpoint else None, blocks=cfg.blocks,
-                      train_dataset=getattr(model, "trained_on", None),
+                      train_dataset=meta.trained_on if meta else None,
                       units_per_block=per_block, classes=classes, curve=curve, max_images=cfg.max_images,
                       eval_settings=default_eval_settings() if default else None)
     out = Path(cfg.out) / f"prune-{rec['model']}-{cfg.dataset}-{rec['run_id'].split('-', 1)[1]}"
