@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldnbench.data.synthetic import generate
     from ldnbench.evaluate import evaluate
     from ldnbench.runtime import native_bf16
-    from ldnbench.studies.common import load_trained_model
+    from ldnbench.checkpoints import load_checkpoint
     from ldnbench.launch import launch
     from ldnbench.train import TrainConfig, train
 
@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     def cpu_reference():
         res = train(cfg("cpu-fp32"))
         ref["ck"] = res.last_checkpoint
-        ref["cpu"] = evaluate(load_trained_model(None, res.last_checkpoint, None), val, device="cpu", progress=False)
+        ref["cpu"] = evaluate(load_checkpoint(res.last_checkpoint)[0], val, device="cpu", progress=False)
         return f"mIoU {100 * ref['cpu'].metrics.miou:.2f} on CPU"
 
     def cuda_eval_fp32():
-        model = load_trained_model(None, ref["ck"], None)
+        model = load_checkpoint(ref["ck"])[0]
         got = evaluate(model, val, device="cuda", progress=False)
         diff = abs(got.metrics.miou - ref["cpu"].metrics.miou)
         if diff > 1e-4:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def cuda_eval(precision):
         def run():
-            got = evaluate(load_trained_model(None, ref["ck"], None), val, device="cuda", precision=precision,
+            got = evaluate(load_checkpoint(ref["ck"])[0], val, device="cuda", precision=precision,
                            progress=False)
             return f"mIoU {100 * got.metrics.miou:.2f} (fp32 {100 * ref['cpu'].metrics.miou:.2f})"
         return run

@@ -88,7 +88,7 @@ def test_one_checkpoint_one_number(cs_root, tmp_path, bf16_native, cli_runner):
     give the same confusion matrix for one checkpoint, even where bf16 would be native."""
     from ldnbench.cli import main
     from ldnbench.data.registry import get_dataset
-    from ldnbench.studies.common import load_trained_model
+    from ldnbench.checkpoints import load_checkpoint
     from ldnbench.studies.cross import CrossConfig, run_cross
     from ldnbench.studies.prune import PruneConfig, run_prune
 
@@ -97,7 +97,8 @@ def test_one_checkpoint_one_number(cs_root, tmp_path, bf16_native, cli_runner):
     ck = res.last_checkpoint
 
     ds = get_dataset("cityscapes", cs_root, "val")
-    direct = evaluate(load_trained_model(None, ck, None), ds, progress=False).metrics.to_dict()["confusion"]
+    model, meta = load_checkpoint(ck)
+    direct = evaluate(model, ds, progress=False, normalization=meta.normalization).metrics.to_dict()["confusion"]
 
     record = tmp_path / "eval.json"
     r = cli_runner.invoke(main, ["eval", "--checkpoint", str(ck), "--dataset", "cityscapes", "--root", str(cs_root),
