@@ -140,12 +140,14 @@ class ScoreResult:
     pred_format: str
     extra: list[Path]
     seconds: float
+    resize: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` content: metric keys at top level (fractions, null for NaN) + provenance."""
         return {**self.metrics.to_dict(), "dataset": self.dataset, "root": self.root, "split": self.split,
                 "pred_dir": self.pred_dir, "pred_format": self.pred_format,
-                "extra_predictions": [str(p) for p in self.extra], "seconds": round(self.seconds, 3)}
+                "extra_predictions": [str(p) for p in self.extra], "seconds": round(self.seconds, 3),
+                **({"resize": self.resize, "eval_at": "resized"} if self.resize is not None else {})}
 
 
 def _check_matching(m: Matching, ds: SegDataset, pred_dir: Path) -> None:
@@ -164,6 +166,9 @@ def _check_matching(m: Matching, ds: SegDataset, pred_dir: Path) -> None:
 
 
 def _check_headers(ds: SegDataset, m: Matching) -> None:
+    from ldnbench.data.resize import protocol, resized_size
+
+    width, eval_at = protocol(ds)
     problems = []
     for f in ds.files:
         pred = m.files[f.id]
@@ -173,8 +178,11 @@ def _check_headers(ds: SegDataset, m: Matching) -> None:
                             " (must be one 8- or 16-bit channel of class ids)")
         elif f.label is not None and f.label.suffix == ".png":
             gw, gh, _, _ = png_header(f.label)
+            if width is not None and eval_at == "resized":
+                gh, gw = resized_size(gh, gw, width)
             if (gw, gh) != (w, h):
-                problems.append(f"{pred.name} is {w}x{h} but its ground truth is {gw}x{gh}")
+                problems.append(f"{pred.name} is {w}x{h} but its ground truth is {gw}x{gh}"
+                                + (f" (resized to width {width})" if width is not None else ""))
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise UserError(f"{len(problems)} prediction(s) cannot be scored: {'; '.join(problems[:3])}{more}; "
@@ -257,5 +265,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
     total = accs[0]
     for acc in accs[1:]:
         total.merge(acc)
+    from ldnbench.data.resize import protocol
+
     return ScoreResult(total.compute(), dataset.name, str(dataset.root), dataset.split, str(pred_dir),
-                       fmt.name, match.extra, time.perf_counter() - t0)
+                       fmt.name, match.extra, time.perf_counter() - t0, protocol(dataset)[0])
