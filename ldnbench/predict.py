@@ -199,12 +199,14 @@ def run_predict(checkpoint: str | Path, out: str | Path, *, dataset: str | None 
     when the model's differs); with ``images`` in the model's. ``fmt`` defaults to labelIds
     where the dataset's labels are Cityscapes label ids, trainIds otherwise.
     """
-    from ldnbench.data.labels import get_mapping
+    from ldnbench.data.labels import get_label_space, get_mapping
     from ldnbench.data.registry import get_dataset
     from ldnbench.runtime import Distributed, resolve_device
 
     if (dataset is None) == (images is None):
         raise UserError("predict needs exactly one source: --dataset NAME or --images DIR", 2)
+    if fmt == "labelIds" and dataset is not None and dataset not in LABEL_ID_DATASETS:
+        check_format(fmt, get_label_space("cityscapes19"), dataset)  # before any file is read
     dev = resolve_device(device)
     model, model_space, _ = load_model(checkpoint, model_name, label_space)
     mapping = None

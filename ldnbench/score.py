@@ -130,6 +130,23 @@ def _decode_pred(path: Path) -> torch.Tensor:
     return t[0]
 
 
+#: SegMetrics' float64 (instance-weighted) state, summed per image in a fixed order.
+_FLOAT_STATE = ("inst_tp", "inst_fn", "cat_tp", "cat_fn")
+
+
+def _image_update(acc: SegMetrics, pred, label, inst) -> list[torch.Tensor]:
+    """Update ``acc`` with one image; its float state is left as it was and the image's share returned."""
+    saved = [getattr(acc, n) for n in _FLOAT_STATE]
+    for n, t in zip(_FLOAT_STATE, saved):
+        setattr(acc, n, torch.zeros_like(t))
+    try:
+        acc.update(pred, label, inst)
+        return [getattr(acc, n) for n in _FLOAT_STATE]
+    finally:
+        for n, t in zip(_FLOAT_STATE, saved):
+            setattr(acc, n, t)
+
+
 @dataclass
 class ScoreResult:
     metrics: MetricResult
@@ -217,6 +234,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
                        pred_desc=fmt.describe) for _ in range(n_workers)]
     errors: list[BaseException] = []
     stop = threading.Event()
+    deltas: dict[int, list[torch.Tensor]] = {}
 
     from tqdm import tqdm
 
@@ -240,7 +258,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
                     pred = pred.to(torch.uint8)
                 label, inst = dataset.load_target(i)
                 try:
-                    acc.update(pred, label, inst)  # translates the format inside its lookup table
+                    deltas[i] = _image_update(acc, pred, label, inst)  # translates the format in its lookup table
                 except UserError as e:
                     raise UserError(f"{path}: {e}; check --pred-format") from None
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
@@ -265,6 +283,13 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
     total = accs[0]
     for acc in accs[1:]:
         total.merge(acc)
+    # Instance-weighted sums are floats: add them in dataset order, as `eval` does, so that the same
+    # predictions give bit-identical numbers whatever the number of threads (counts are exact anyway).
+    for name in _FLOAT_STATE:
+        setattr(total, name, torch.zeros_like(getattr(total, name)))
+    for i in sorted(deltas):
+        for name, d in zip(_FLOAT_STATE, deltas[i]):
+            getattr(total, name).add_(d.to(getattr(total, name).device))
     from ldnbench.data.resize import protocol
 
     return ScoreResult(total.compute(), dataset.name, str(dataset.root), dataset.split, str(pred_dir),
