@@ -359,10 +359,14 @@ def predict_cmd(checkpoint, model_name, label_space, dataset, root, split, image
 @click.option("--dataset-option", "dataset_options", multiple=True, metavar="KEY=VALUE",
               help="Extra adapter option (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No tqdm bars (one line per epoch only).")
+@_resize_option
+@_eval_at_option
+@click.option("--tensorboard", is_flag=True,
+              help="Also write TensorBoard event files to OUT/tensorboard (pip install 'ldnbench[tensorboard]').")
 def train_cmd(model, dataset, root, split, val_split, epochs, batch_size, crop, scale, no_pad, lr, backbone_lr_div,
               weight_decay, aux_weight, main_weight, pretrained, init, ckpt, amp, no_bn_recompute, val_every,
               val_limit, save_every, max_iters, seed, workers, device, out, resume, nproc, model_options,
-              dataset_options, no_progress):
+              dataset_options, no_progress, resize, eval_at, tensorboard):
     """Train a model with the paper's recipe; resumable, single process or DDP under torchrun."""
     from ldnbench.train import TrainConfig, launch, parse_options, train
 
@@ -373,7 +377,8 @@ def train_cmd(model, dataset, root, split, val_split, epochs, batch_size, crop, 
         ckpt=ckpt, amp=amp, recompute_bn=False if no_bn_recompute else None, val_every=val_every,
         val_limit=val_limit, save_every=save_every, max_iters=max_iters, seed=seed, workers=workers, device=device,
         out=out, resume=resume or None, progress=False if no_progress else None,
-        model_options=parse_options(model_options), dataset_options=parse_options(dataset_options))
+        model_options=parse_options(model_options), dataset_options=parse_options(dataset_options),
+        resize=resize, eval_at=eval_at, tensorboard=tensorboard or None)
     if val_split is not None:
         config.val_split = None if val_split.lower() == "none" else val_split
     if nproc is not None:

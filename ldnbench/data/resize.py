@@ -172,6 +172,14 @@ def find_resized(dataset) -> Resized | None:
     return None
 
 
+def is_resized(dataset) -> bool:
+    """Whether ``dataset`` is resized already: a :class:`Resized` inside, or every part of a joined set."""
+    if find_resized(dataset) is not None:
+        return True
+    parts = getattr(dataset, "datasets", None)
+    return bool(parts) and all(is_resized(p) for p in parts)
+
+
 def protocol(dataset) -> tuple[int | None, str]:
     """(resize width or None, eval_at) of ``dataset``; full resolution is ``(None, "original")``."""
     r = find_resized(dataset)
