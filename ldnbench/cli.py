@@ -432,13 +432,15 @@ def export_cmd(results, formats, out, group_by, with_paper, figures):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--max-images", type=int, default=None, help="Evaluate on the first N images only (quick look).")
 @click.option("--out", default="results", show_default=True, help="Folder for the study's record, CSV and figures.")
-def prune_cmd(model, checkpoint, dataset, root, split, fractions, blocks, device, max_images, out):
+@_resize_option
+@_eval_at_option
+def prune_cmd(model, checkpoint, dataset, root, split, fractions, blocks, device, max_images, out, resize, eval_at):
     """Accuracy after switching off the backbone tail, without retraining (paper Fig. 5)."""
     from ldnbench.studies.prune import PruneConfig, parse_fractions, run_prune
 
     cfg = PruneConfig(model=model, checkpoint=checkpoint, dataset=dataset, root=root, split=split,
                       fractions=tuple(parse_fractions(fractions)), blocks=blocks, device=device,
-                      max_images=max_images, out=out)
+                      max_images=max_images, out=out, resize=resize, eval_at=eval_at)
     res = run_prune(cfg, progress=click.echo, command=sys.argv)
     click.echo(f"csv: {res.csv}\nrecord: {res.record}")
     for f in res.figures:
@@ -467,11 +469,16 @@ def prune_cmd(model, checkpoint, dataset, root, split, fractions, blocks, device
 @click.option("--seed", type=int, default=None)
 @click.option("--workers", type=int, default=None)
 @click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE")
+@click.option("--resize", "resize", multiple=True, metavar="[NAME=]W",
+              help="Image width after resizing, aspect kept, for training and evaluation: NAME=W per dataset "
+                   "(repeatable, e.g. --resize vistas=2048 --resize cityscapes=1024), a bare W for all.")
+@_eval_at_option
 def cross_cmd(train_sets, eval_sets, model, roots, results, train_split, eval_split, eval_limit, device, epochs,
-              batch_size, crop, scale, lr, pretrained, max_iters, seed, workers, model_options):
+              batch_size, crop, scale, lr, pretrained, max_iters, seed, workers, model_options, resize, eval_at):
     """Train on each training set, evaluate on every eval set: the cross-dataset mIoU matrix (paper Table 7)."""
+    from ldnbench.data.resize import parse_resize
     from ldnbench.errors import UserError as _UserError
-    from ldnbench.studies.cross import CrossConfig, format_matrix, parse_names, parse_roots, run_cross
+    from ldnbench.studies.cross import CrossConfig, describe_protocol, format_matrix, parse_names, parse_roots, run_cross
     from ldnbench.train import parse_options
 
     opts = dict(epochs=epochs, batch_size=batch_size, crop=crop, scale=tuple(scale) if scale else None, lr=lr,
@@ -480,9 +487,11 @@ def cross_cmd(train_sets, eval_sets, model, roots, results, train_split, eval_sp
         opts["model_options"] = parse_options(model_options)
     cfg = CrossConfig(train=parse_names(train_sets), eval=parse_names(eval_sets), model=model,
                       roots=parse_roots(roots), results=results, train_split=train_split, eval_split=eval_split,
-                      eval_limit=eval_limit, device=device, train_options={k: v for k, v in opts.items() if v is not None})
+                      eval_limit=eval_limit, device=device, train_options={k: v for k, v in opts.items() if v is not None},
+                      resize=parse_resize(resize), eval_at=eval_at)
     res = run_cross(cfg, progress=click.echo)
-    click.echo("\nmIoU (%) — rows: training set, columns: evaluation set\n" + format_matrix(res.matrix) + "\n")
+    click.echo(f"\nmIoU (%) — rows: training set, columns: evaluation set; {describe_protocol(cfg.resize, eval_at)}\n"
+               + format_matrix(res.matrix) + "\n")
     for f in res.files:
         click.echo(f"wrote {f}")
     if res.missing:
