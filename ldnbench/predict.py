@@ -208,10 +208,11 @@ def run_predict(checkpoint: str | Path, out: str | Path, *, dataset: str | None 
     if fmt == "labelIds" and dataset is not None and dataset not in LABEL_ID_DATASETS:
         check_format(fmt, get_label_space("cityscapes19"), dataset)  # before any file is read
     dev = resolve_device(device)
-    model, model_space, _ = load_model(checkpoint, model_name, label_space)
+    ds = get_dataset(dataset, root, split) if dataset is not None else None
+    # a bare state dict predicts the dataset's classes unless told otherwise (as `eval` assumes)
+    model, model_space, _ = load_model(checkpoint, model_name, label_space or (ds.label_space.name if ds else None))
     mapping = None
-    if dataset is not None:
-        ds = get_dataset(dataset, root, split)
+    if ds is not None:
         space = ds.label_space
         if space.name != model_space.name:
             mapping = get_mapping(model_space, space)

@@ -279,3 +279,46 @@ def test_per_image_accumulator_plugs_into_the_loop(setup):
     assert len(rows) == len(SIDS) and res.to_record()["per_image"] == json.loads(json.dumps(rows))
     # pixel accuracy over all images = pixel-weighted mean of the rows (same pixel count per image here)
     assert np.mean([r["pixel_acc"] for r in rows]) == pytest.approx(res.metrics.pixel_acc)
+
+
+def test_prune_at_a_resize_protocol_is_the_resized_evaluation(setup, tmp_path):
+    from ldnbench.studies.prune import PruneConfig, run_prune
+
+    tmp, model, ck = setup
+    res = run_prune(PruneConfig(model=MODEL, checkpoint=ck, dataset="cityscapes", root=tmp / "cs", fractions=(0.0, 1.0),
+                                resize=48, eval_at="resized", out=tmp_path))
+    rec = json.loads(res.record.read_text())
+    assert rec["eval_settings"]["resize"] == 48 and rec["eval_settings"]["eval_at"] == "resized"
+    ref = evaluate(model, _ds(tmp), resize=48, eval_at="resized", progress=False)
+    assert res.curve[0]["miou"] == ref.metrics.miou
+
+
+PREDICT_WORKER = """
+import json, sys
+from ldnbench.predict import run_predict
+from ldnbench.runtime import get_rank
+root, ck, out, log = sys.argv[1:5]
+res = run_predict(ck, out, dataset="cityscapes", root=root, fmt="trainIds", progress=False)
+open(f"{log}/rank{res.rank}.json", "w").write(json.dumps([p.name for p in res.written]))
+"""
+
+
+@pytest.mark.slow
+def test_predict_under_torchrun_writes_each_image_once(setup, tmp_path):
+    import subprocess
+    import sys
+
+    tmp, _, ck = setup
+    script = tmp_path / "worker.py"
+    script.write_text(PREDICT_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp / "cs"), str(ck), str(tmp_path / "out"), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    parts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(parts[0] + parts[1]) == sorted(f"{s}.png" for s in SIDS) and parts[0] and parts[1]
+    ds = _ds(tmp)
+    net = prepare_model(setup[1])
+    for i, f in enumerate(ds.files):  # the same pixels as a single process
+        assert np.array_equal(read_label(tmp_path / "out" / f"{f.id}.png"), predict(net, to_input(ds[i].image)[0]).numpy())
