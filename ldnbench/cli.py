@@ -6,12 +6,13 @@ Every command lives in one section below, grouped by the library module it calls
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from ldnbench import __version__
 from ldnbench.errors import UserError
-from ldnbench.train_config import TrainConfig
+from ldnbench.train_config import DEFAULT_EVAL_AT, EVAL_AT, TrainConfig
 
 #: The training options that `cross` passes on to every training run it starts.
 CROSS_TRAIN_OPTIONS = ("epochs", "batch_size", "crop", "scale", "lr", "pretrained", "max_iters", "seed", "workers",
@@ -71,7 +72,7 @@ def config_options(cls, names: tuple[str, ...] | None = None, defaults: dict | N
             decl = how.pop("flag", None) or how.pop("multiple", None) or f"--{fld.name.replace('_', '-')}"
             if "multiple" in fld.metadata["cli"]:
                 kwargs.update(multiple=True, metavar="KEY=VALUE")
-            elif "/" in decl or decl == "--resume":
+            elif "flag" in fld.metadata["cli"]:
                 kwargs["is_flag"] = True
             else:
                 if "choices" in how:
@@ -253,6 +254,16 @@ _precision_option = click.option(
     help="Inference precision; bf16/fp16 autocast only when asked (fp16 needs CUDA).")
 
 
+#: The resolution protocol (ldnbench.data.resize): one declaration for every command that reads images.
+_resize_option = click.option(
+    "--resize", type=click.IntRange(min=8), default=None, metavar="W",
+    help="Resize images to width W, aspect kept (antialiased bilinear; labels nearest) [default: full resolution].")
+_eval_at_option = click.option(
+    "--eval-at", type=click.Choice(list(EVAL_AT)), default=DEFAULT_EVAL_AT, show_default=True,
+    help="With --resize: score at the labels' original resolution (logits upsampled before the argmax; the "
+         "benchmark protocol) or against labels resized the same way (the paper's Table 1/7 protocol).")
+
+
 @main.command("eval")
 @click.option("--model", "model_name", default=None, help="Model name or alias (default: read from the checkpoint).")
 @click.option("--checkpoint", required=True, type=click.Path(), help="Trainer checkpoint (last.pt/best.pt) or state dict.")
@@ -270,11 +281,16 @@ _precision_option = click.option(
 @_heap_reuse_option
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data-loading processes.")
+@_resize_option
+@_eval_at_option
+@click.option("--per-image", is_flag=True,
+              help="Also record per-image rows (mIoU over the classes present, pixel accuracy, class IoUs) and write "
+                   "them as <record>.per_image.csv.")
 @click.option("--out", type=click.Path(), default=None,
               help="Result record path (.json) or folder [default: results/eval/<model>-<dataset>-<split>-<run>.json].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sliding, label_space, device, precision,
-             heap_reuse, max_images, workers, out, quiet):
+             heap_reuse, max_images, workers, resize, eval_at, per_image, out, quiet):
     """Evaluate a checkpoint on a dataset split: per-class table and a JSON result record.
 
     Under torchrun every process evaluates a disjoint share of the images; rank 0 prints and writes.
@@ -284,7 +300,7 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     from ldnbench.checkpoints import load_checkpoint
     from ldnbench.data.spaces import get_mapping
     from ldnbench.data.registry import get_dataset
-    from ldnbench.evaluate import evaluate
+    from ldnbench.evaluate import PerImageMetrics, evaluate, per_image_frame
     from ldnbench.inference import MS_SCALES, reuse_freed_memory
     from ldnbench.report.records import write_record
     from ldnbench.runtime import Distributed, check_precision, resolve_device
@@ -298,10 +314,11 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     space = meta.label_space
     mapping = None if space in (None, ds.label_space.name) else get_mapping(space, ds.label_space)
     scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
+    accumulators = [PerImageMetrics(ds.label_space)] if per_image else []
     with Distributed(dev) as d:
         res = evaluate(model, ds, mapping=mapping, scales=scale_list, flip=flip, sliding=sliding, device=dev,
                        precision=precision, progress=not quiet, num_workers=workers, max_images=max_images,
-                       normalization=meta.normalization)
+                       normalization=meta.normalization, resize=resize, eval_at=eval_at, accumulators=accumulators)
     if not d.is_main:
         return
     rec = res.to_record(model=model.name, model_options=meta.model_options, dataset=dataset, root=ds.root, split=split,
@@ -313,6 +330,13 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     click.echo(res.format_table())
     write_record(path, rec)
     click.echo(f"wrote {path}")
+    if per_image:
+        from ldnbench.fileio import atomic_write_text
+
+        csv = path.with_suffix(".per_image.csv")
+        atomic_write_text(csv, per_image_frame(res.extra["per_image"], ds.label_space.classes)
+                          .to_csv(index=False, float_format="%.6g"))
+        click.echo(f"wrote {csv}")
 
 
 @main.command("score")
@@ -327,15 +351,20 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the metrics as JSON here.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Decoding/accumulating threads.")
+@click.option("--resize", type=click.IntRange(min=8), default=None, metavar="W",
+              help="Score against labels resized to width W (nearest; the paper's reduced-resolution protocol); "
+                   "predictions must then be W wide.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score_cmd(dataset, root, split, pred_dir, pred_format, json_out, workers, quiet):
+def score_cmd(dataset, root, split, pred_dir, pred_format, json_out, workers, resize, quiet):
     """Score a folder of prediction PNGs with the official Cityscapes metric definitions."""
     from ldnbench.data.registry import get_dataset
     from ldnbench.fileio import atomic_write_json
     from ldnbench.report.records import jsonable
     from ldnbench.score import score_predictions
 
-    ds = get_dataset(dataset, root, split)
+    from ldnbench.data.resize import apply_resize
+
+    ds = apply_resize(get_dataset(dataset, root, split), resize, "resized")
     res = score_predictions(ds, pred_dir, pred_format=pred_format, workers=workers, progress=not quiet)
     if res.extra:
         shown = ", ".join(str(p) for p in res.extra[:3]) + (" ..." if len(res.extra) > 3 else "")
@@ -349,20 +378,79 @@ def score_cmd(dataset, root, split, pred_dir, pred_format, json_out, workers, qu
 
 
 
+@main.command("predict")
+@click.option("--checkpoint", required=True, type=click.Path(), help="Trainer checkpoint (last.pt/best.pt) or state dict.")
+@click.option("--model", "model_name", default=None, help="Model name or alias (default: read from the checkpoint).")
+@click.option("--label-space", default=None, help="Label space of a bare state dict.")
+@click.option("--dataset", default=None, help="Predict a dataset split: files <sample id>.png (what `score` reads).")
+@click.option("--root", type=click.Path(), default=None, help="Dataset root (default ./datasets/<dataset>).")
+@click.option("--split", default="val", show_default=True)
+@click.option("--images", type=click.Path(), default=None,
+              help="Or predict every JPEG/PNG below this folder (relative paths kept, suffix .png).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--format", "fmt", type=click.Choice(["labelIds", "trainIds", "color", "overlay"]), default=None,
+              help="labelIds (Cityscapes/KITTI/WildDash label ids, for the official server), trainIds (class indices, "
+                   "255 void), color (palette) or overlay [default: labelIds where the dataset has label ids, else trainIds].")
+@click.option("--ms", is_flag=True, help="Multi-scale test at scales 0.5,0.75,1,1.5,2 (softmax averaged).")
+@click.option("--scales", default=None, help="Custom comma-separated scales (overrides --ms).")
+@click.option("--flip", is_flag=True, help="Also average horizontally flipped passes.")
+@click.option("--sliding", type=click.IntRange(min=32), default=None, help="Tile size for sliding-window inference.")
+@_resize_option
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@_precision_option
+@_heap_reuse_option
+@click.option("--overwrite", is_flag=True, help="Predict again images whose output exists [default: skip them].")
+@click.option("--gallery", "gallery_record", type=click.Path(dir_okay=False), default=None,
+              help="An `eval --per-image` record of the same dataset/split: also draw OUT/gallery.png of its worst and "
+                   "best images.")
+@click.option("--gallery-n", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Worst and best images in the gallery.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def predict_cmd(checkpoint, model_name, label_space, dataset, root, split, images, out, fmt, ms, scales, flip, sliding,
+                resize, device, precision, heap_reuse, overwrite, gallery_record, gallery_n, quiet):
+    """Write one prediction PNG per image at its original resolution (resumable; torchrun: each image once)."""
+    from ldnbench.inference import MS_SCALES, reuse_freed_memory
+    from ldnbench.predict import run_predict
+
+    if gallery_record and not dataset:
+        raise UserError("--gallery needs --dataset (the ground truth is drawn beside the predictions)", 2)
+    if gallery_record and fmt == "overlay":
+        raise UserError("--gallery needs labelIds, trainIds or color predictions, not overlay", 2)
+    if heap_reuse and str(device).startswith("cpu"):
+        reuse_freed_memory()
+    scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
+    res = run_predict(checkpoint, out, dataset=dataset, root=root, split=split, images=images, fmt=fmt,
+                      model_name=model_name, label_space=label_space, scales=scale_list, flip=flip, sliding=sliding,
+                      resize=resize, device=device, precision=precision, overwrite=overwrite, progress=not quiet)
+    if res.rank != 0:
+        return
+    click.echo(f"{len(res.written)} prediction(s) written, {len(res.skipped)} already there (skipped) in {res.out} "
+               f"({res.format}, {res.label_space}, {res.seconds:.1f} s)")
+    if gallery_record:
+        from ldnbench.data.registry import get_dataset
+        from ldnbench.report.gallery import draw_gallery
+
+        path = draw_gallery(gallery_record, get_dataset(dataset, root, split), res.out, Path(out) / "gallery.png",
+                            n=gallery_n, pred_format=res.format)
+        click.echo(f"wrote {path}")
+
+
 # --- training: train (ldnbench.train) ------------------------------------------------------------
 
 
 @main.command("train")
 @config_options(TrainConfig)
+@_resize_option
+@_eval_at_option
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Launch N local processes with torchrun (DDP).")
-def train_cmd(nproc, **values):
+def train_cmd(nproc, resize, eval_at, **values):
     """Train a model with the paper's recipe; resumable, single process or DDP under torchrun."""
     from ldnbench.launch import launch
     from ldnbench.train import train
 
     given = config_values(TrainConfig, values)
     val_split = given.pop("val_split", None)
-    config = TrainConfig.preset(given.pop("model"), given.pop("dataset"), **given)
+    config = TrainConfig.preset(given.pop("model"), given.pop("dataset"), resize=resize, eval_at=eval_at, **given)
     if val_split is not None:
         config.val_split = None if val_split.lower() == "none" else val_split
     if nproc is not None:
@@ -416,13 +504,15 @@ def export_cmd(results, formats, out, group_by, with_paper, figures):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--max-images", type=int, default=None, help="Evaluate on the first N images only (quick look).")
 @click.option("--out", default="results", show_default=True, help="Folder for the study's record, CSV and figures.")
-def prune_cmd(model, checkpoint, dataset, root, split, fractions, blocks, device, max_images, out):
+@_resize_option
+@_eval_at_option
+def prune_cmd(model, checkpoint, dataset, root, split, fractions, blocks, device, max_images, out, resize, eval_at):
     """Accuracy after switching off the backbone tail, without retraining (paper Fig. 5)."""
     from ldnbench.studies.prune import PruneConfig, parse_fractions, run_prune
 
     cfg = PruneConfig(model=model, checkpoint=checkpoint, dataset=dataset, root=root, split=split,
                       fractions=tuple(parse_fractions(fractions)), blocks=blocks, device=device,
-                      max_images=max_images, out=out)
+                      max_images=max_images, out=out, resize=resize, eval_at=eval_at)
     res = run_prune(cfg, progress=click.echo, command=sys.argv)
     click.echo(f"csv: {res.csv}\nrecord: {res.record}")
     for f in res.figures:
@@ -442,17 +532,25 @@ def prune_cmd(model, checkpoint, dataset, root, split, fractions, blocks, device
 @click.option("--eval-limit", type=int, default=None, help="Evaluate on the first N images of each set only.")
 @click.option("--device", default="cpu", show_default=True)
 @config_options(TrainConfig, names=CROSS_TRAIN_OPTIONS)
-def cross_cmd(train_sets, eval_sets, model, roots, results, train_split, eval_split, eval_limit, device, **values):
+@click.option("--resize", "resize", multiple=True, metavar="[NAME=]W",
+              help="Image width after resizing, aspect kept, for training and evaluation: NAME=W per dataset "
+                   "(repeatable, e.g. --resize vistas=2048 --resize cityscapes=1024), a bare W for all.")
+@_eval_at_option
+def cross_cmd(train_sets, eval_sets, model, roots, results, train_split, eval_split, eval_limit, device, resize,
+              eval_at, **values):
     """Train on each training set, evaluate on every eval set: the cross-dataset mIoU matrix (paper Table 7)."""
+    from ldnbench.data.resize import parse_resize
     from ldnbench.errors import UserError as _UserError
-    from ldnbench.studies.cross import CrossConfig, format_matrix, parse_names, parse_roots, run_cross
+    from ldnbench.studies.cross import CrossConfig, describe_protocol, format_matrix, parse_names, parse_roots, run_cross
 
     opts = config_values(TrainConfig, values)
     cfg = CrossConfig(train=parse_names(train_sets), eval=parse_names(eval_sets), model=model,
                       roots=parse_roots(roots), results=results, train_split=train_split, eval_split=eval_split,
-                      eval_limit=eval_limit, device=device, train_options={k: v for k, v in opts.items() if v is not None})
+                      eval_limit=eval_limit, device=device, train_options={k: v for k, v in opts.items() if v is not None},
+                      resize=parse_resize(resize), eval_at=eval_at)
     res = run_cross(cfg, progress=click.echo)
-    click.echo("\nmIoU (%) — rows: training set, columns: evaluation set\n" + format_matrix(res.matrix) + "\n")
+    click.echo(f"\nmIoU (%) — rows: training set, columns: evaluation set; {describe_protocol(cfg.resize, eval_at)}\n"
+               + format_matrix(res.matrix) + "\n")
     for f in res.files:
         click.echo(f"wrote {f}")
     if res.missing:

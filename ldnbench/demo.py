@@ -4,7 +4,14 @@
 2. ``cross``: train LDN121 on synthetic Vistas and on synthetic Cityscapes, evaluate both on
    synthetic Cityscapes and KITTI (the trainings are the cross study's rows),
 3. ``prune``: the pruning curve of both trained models on synthetic Cityscapes,
-4. ``export``: leaderboards (CSV/LaTeX/Markdown) and figures.
+4. ``export``: leaderboards (CSV/LaTeX/Markdown) and figures,
+5. a gallery: ``eval --per-image`` of the Cityscapes-trained model, ``predict`` of the val split and
+   ``gallery.png`` of its worst and best images.
+
+Resolution protocol (:data:`RESIZE`): synthetic Vistas images, like the real ones, come in many
+sizes; they are resized to the Cityscapes width, as the paper resizes Vistas to width 2048
+(Section 5.5). Cityscapes and KITTI stay at full resolution; every cell is scored at the labels'
+original resolution. The cross records state it (``resize``, ``protocol``, cells' ``eval_settings``).
 
 Every step is resumable: a second ``demo`` with the same ``--out`` reuses finished work.
 """
@@ -37,6 +44,11 @@ class DemoBudget:
     model_options: dict[str, Any] = field(default_factory=dict)
     eval_limit: int | None = None
 
+    @property
+    def resize(self) -> dict[str, int]:
+        """The cross study's ``--resize``: Vistas to the Cityscapes width."""
+        return {"vistas": self.size[0]}
+
 
 BUDGETS: dict[str, DemoBudget] = {
     # The real LDN121 64→4 (9.5M parameters), random init: the main demo.
@@ -63,13 +75,16 @@ class DemoResult:
     prune_csv: list[Path]
     leaderboard_files: list[Path]
     study_files: list[Path]
+    gallery: Path | None = None
+    protocol: str = "full resolution"
 
     def summary(self) -> str:
         from ldnbench.studies.cross import format_matrix
 
         lines = [f"ldnbench demo ({self.budget} budget) finished in {self.seconds['total']:.0f} s "
                  f"({', '.join(f'{k} {v:.0f} s' for k, v in self.seconds.items() if k != 'total')})", "",
-                 "cross-dataset mIoU (%) on synthetic data — rows: trained on, columns: evaluated on",
+                 "cross-dataset mIoU (%) on synthetic data — rows: trained on, columns: evaluated on; "
+                 + self.protocol,
                  format_matrix(self.matrix), ""]
         lines += ["where everything went:",
                   f"  datasets      {self.out / 'datasets'}  (synthetic Cityscapes / Vistas / KITTI trees)",
@@ -77,6 +92,8 @@ class DemoResult:
         lines += [f"  pruning       {p}" for p in self.prune_csv]
         lines += [f"  cross study   {p}" for p in self.study_files if p.suffix in (".csv", ".md", ".png")]
         lines += [f"  leaderboard   {p}" for p in self.leaderboard_files]
+        if self.gallery:
+            lines += [f"  gallery       {self.gallery}  (worst and best val images of the Cityscapes-trained model)"]
         return "\n".join(lines)
 
 
@@ -90,6 +107,33 @@ def _synthetic(root: Path, b: DemoBudget, say: Callable[[str], None]) -> None:
         return
     say(f"writing synthetic Cityscapes, Vistas and KITTI ({b.n} images each, {b.size[0]}x{b.size[1]}) to {root}")
     generate(root, size=b.size, n=b.n, seed=0)
+
+
+def _gallery(out: Path, root: str, ckpt: Path, b: DemoBudget, device: str, say: Callable[[str], None]) -> Path:
+    """Per-image evaluation, predictions and the gallery of one trained model on synthetic Cityscapes val.
+
+    Written to ``out/gallery`` (not ``results/``: the leaderboard already has this model's cell).
+    """
+    from ldnbench.data.registry import get_dataset
+    from ldnbench.evaluate import PerImageMetrics, evaluate, per_image_frame
+    from ldnbench.fileio import atomic_write_text
+    from ldnbench.predict import load_model, run_predict
+    from ldnbench.report.gallery import draw_gallery
+    from ldnbench.report.records import write_record
+
+    ds = get_dataset("cityscapes", root, "val")
+    model, _, options = load_model(ckpt)
+    say(f"per-image evaluation, predictions and gallery of the cityscapes-trained model -> {out}")
+    res = evaluate(model, ds, device=device, progress=False, max_images=b.eval_limit,
+                   accumulators=[PerImageMetrics(ds.label_space)])
+    rec = res.to_record(model=model.name, model_options=options, dataset="cityscapes", root=ds.root, split="val",
+                        checkpoint=str(ckpt))
+    write_record(out / "eval-per-image.json", rec)
+    atomic_write_text(out / "eval-per-image.per_image.csv",
+                      per_image_frame(res.extra["per_image"], ds.label_space.classes).to_csv(index=False, float_format="%.6g"))
+    pred = run_predict(ckpt, out / "predictions", dataset="cityscapes", root=root, split="val", fmt="labelIds",
+                       device=device, progress=False)
+    return draw_gallery(rec, ds, pred.out, out / "gallery.png", n=min(3, max(1, len(ds) // 2)), pred_format="labelIds")
 
 
 def run_demo(out: str | Path = "demo", budget: str = "small", device: str = "cpu",
@@ -123,7 +167,7 @@ def run_demo(out: str | Path = "demo", budget: str = "small", device: str = "cpu
                      "pretrained": "none", "workers": 0, "progress": False, "ckpt": "none", "model_options": dict(b.model_options)}
     cross = run_cross(CrossConfig(train=TRAIN_SETS, eval=EVAL_SETS, model=b.model, roots=roots,
                                   results=out / "results", eval_limit=b.eval_limit, device=device,
-                                  train_options=train_options), progress=progress)
+                                  train_options=train_options, resize=b.resize), progress=progress)
     if cross.missing:
         raise UserError("the demo's cross study left cells missing: " + "; ".join(
             f"{t} -> {e}: {w}" for (t, e), w in cross.missing.items()))
@@ -143,7 +187,13 @@ def run_demo(out: str | Path = "demo", budget: str = "small", device: str = "cpu
     lb = export(out / "results", out / "leaderboards")
     for bad in lb.bad:
         progress(f"skipped {bad.path}: {bad.reason}")
-    step("export", t)
+    t = step("export", t)
+
+    gallery = _gallery(out / "gallery", roots["cityscapes"], cross.checkpoints["cityscapes"], b, device, progress)
+    step("gallery", t)
     seconds["total"] = time.perf_counter() - t0
-    return DemoResult(out, budget, seconds, cross.matrix, prune_csv, lb.files, cross.files)
+    from ldnbench.studies.cross import describe_protocol
+
+    return DemoResult(out, budget, seconds, cross.matrix, prune_csv, lb.files, cross.files, gallery,
+                      describe_protocol(b.resize, "original"))
 

@@ -121,10 +121,10 @@ def _probs(model: nn.Module, x: torch.Tensor, mapping, sliding: tuple[int, float
 @torch.inference_mode()
 def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
                   sliding: int | tuple[int, float] | None = None, *, mapping=None, channels_last: bool = True,
-                  precision: str = "fp32") -> torch.Tensor:
+                  precision: str = "fp32", out_size: tuple[int, int] | None = None) -> torch.Tensor:
     """NxCxHxW class probabilities averaged over ``scales`` x (flip) passes. See :func:`predict`.
 
-    Each pass's logits are resized to the input size bilinearly and then softmaxed.
+    Each pass's logits are resized bilinearly to the input size (or ``out_size``) and then softmaxed.
     """
     if image.dim() == 3:
         image = image.unsqueeze(0)
@@ -135,6 +135,7 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
     if isinstance(sliding, int):
         sliding = (sliding, 1 / 3)
     h, w = image.shape[-2:]
+    out_size = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
     acc = None
     n = 0
     for s in scales:
@@ -142,7 +143,7 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
         x = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         for flipped in ((False, True) if flip else (False,)):
             xi = x.flip(-1) if flipped else x
-            p = _probs(model, xi, mapping, sliding, channels_last, precision, (h, w))
+            p = _probs(model, xi, mapping, sliding, channels_last, precision, out_size)
             if flipped:
                 p = p.flip(-1)
             acc = p if acc is None else acc.add_(p)
@@ -152,8 +153,10 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
 
 def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
             sliding: int | tuple[int, float] | None = None, *, mapping=None, channels_last: bool = True,
-            precision: str = "fp32") -> torch.Tensor:
-    """Label map (HxW, or NxHxW for a batch; uint8 when C<=255, else int64) at the input resolution.
+            precision: str = "fp32", out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Label map (HxW, or NxHxW for a batch; uint8 when C<=255, else int64) at the input resolution,
+    or at ``out_size`` (H, W): the logits are upsampled bilinearly before the argmax (evaluating a
+    reduced-resolution input against full-resolution labels, see :mod:`ldnbench.data.resize`).
 
     ``image``: normalised float 3xHxW or Nx3xHxW (see :func:`ldnbench.data.transforms.to_input`) on
     the model's device; the model must be in ``eval()`` mode. ``scales``: input resize factors
@@ -173,9 +176,11 @@ def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.
             if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
                 raise ValueError(f"expected a normalised float Nx3xHxW image, got {tuple(x.shape)} {x.dtype}")
             scores = _forward(model, x, mapping, channels_last, precision)
+            if out_size is not None and tuple(out_size) != tuple(scores.shape[-2:]):
+                scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=False)
     else:
         scores = predict_probs(model, image, scales, flip, sliding, mapping=mapping,
-                               channels_last=channels_last, precision=precision)
+                               channels_last=channels_last, precision=precision, out_size=out_size)
     labels = scores.argmax(1)
     if scores.shape[1] <= 255:
         labels = labels.to(torch.uint8)

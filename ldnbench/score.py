@@ -130,6 +130,23 @@ def _decode_pred(path: Path) -> torch.Tensor:
     return t[0]
 
 
+#: SegMetrics' float64 (instance-weighted) state, summed per image in a fixed order.
+_FLOAT_STATE = ("inst_tp", "inst_fn", "cat_tp", "cat_fn")
+
+
+def _image_update(acc: SegMetrics, pred, label, inst) -> list[torch.Tensor]:
+    """Update ``acc`` with one image; its float state is left as it was and the image's share returned."""
+    saved = [getattr(acc, n) for n in _FLOAT_STATE]
+    for n, t in zip(_FLOAT_STATE, saved):
+        setattr(acc, n, torch.zeros_like(t))
+    try:
+        acc.update(pred, label, inst)
+        return [getattr(acc, n) for n in _FLOAT_STATE]
+    finally:
+        for n, t in zip(_FLOAT_STATE, saved):
+            setattr(acc, n, t)
+
+
 @dataclass
 class ScoreResult:
     metrics: MetricResult
@@ -140,12 +157,14 @@ class ScoreResult:
     pred_format: str
     extra: list[Path]
     seconds: float
+    resize: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` content: metric keys at top level (fractions, null for NaN) + provenance."""
         return {**self.metrics.to_dict(), "dataset": self.dataset, "root": self.root, "split": self.split,
                 "pred_dir": self.pred_dir, "pred_format": self.pred_format,
-                "extra_predictions": [str(p) for p in self.extra], "seconds": round(self.seconds, 3)}
+                "extra_predictions": [str(p) for p in self.extra], "seconds": round(self.seconds, 3),
+                **({"resize": self.resize, "eval_at": "resized"} if self.resize is not None else {})}
 
 
 def _check_matching(m: Matching, ds: SegDataset, pred_dir: Path) -> None:
@@ -164,6 +183,9 @@ def _check_matching(m: Matching, ds: SegDataset, pred_dir: Path) -> None:
 
 
 def _check_headers(ds: SegDataset, m: Matching) -> None:
+    from ldnbench.data.resize import protocol, resized_size
+
+    width, eval_at = protocol(ds)
     problems = []
     for f in ds.files:
         pred = m.files[f.id]
@@ -173,8 +195,11 @@ def _check_headers(ds: SegDataset, m: Matching) -> None:
                             " (must be one 8- or 16-bit channel of class ids)")
         elif f.label is not None and f.label.suffix == ".png":
             gw, gh, _, _ = png_header(f.label)
+            if width is not None and eval_at == "resized":
+                gh, gw = resized_size(gh, gw, width)
             if (gw, gh) != (w, h):
-                problems.append(f"{pred.name} is {w}x{h} but its ground truth is {gw}x{gh}")
+                problems.append(f"{pred.name} is {w}x{h} but its ground truth is {gw}x{gh}"
+                                + (f" (resized to width {width})" if width is not None else ""))
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise UserError(f"{len(problems)} prediction(s) cannot be scored: {'; '.join(problems[:3])}{more}; "
@@ -209,6 +234,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
                        pred_desc=fmt.describe) for _ in range(n_workers)]
     errors: list[BaseException] = []
     stop = threading.Event()
+    deltas: dict[int, list[torch.Tensor]] = {}
 
     from tqdm import tqdm
 
@@ -232,7 +258,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
                     pred = pred.to(torch.uint8)
                 label, inst = dataset.load_target(i)
                 try:
-                    acc.update(pred, label, inst)  # translates the format inside its lookup table
+                    deltas[i] = _image_update(acc, pred, label, inst)  # translates the format in its lookup table
                 except UserError as e:
                     raise UserError(f"{path}: {e}; check --pred-format") from None
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
@@ -257,5 +283,14 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
     total = accs[0]
     for acc in accs[1:]:
         total.merge(acc)
+    # Instance-weighted sums are floats: add them in dataset order, as `eval` does, so that the same
+    # predictions give bit-identical numbers whatever the number of threads (counts are exact anyway).
+    for name in _FLOAT_STATE:
+        setattr(total, name, torch.zeros_like(getattr(total, name)))
+    for i in sorted(deltas):
+        for name, d in zip(_FLOAT_STATE, deltas[i]):
+            getattr(total, name).add_(d.to(getattr(total, name).device))
+    from ldnbench.data.resize import protocol
+
     return ScoreResult(total.compute(), dataset.name, str(dataset.root), dataset.split, str(pred_dir),
-                       fmt.name, match.extra, time.perf_counter() - t0)
+                       fmt.name, match.extra, time.perf_counter() - t0, protocol(dataset)[0])

@@ -196,6 +196,19 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--max-iters must be at least 1, got {cfg.max_iters}", 2)
     if not 0 < cfg.scale[0] <= cfg.scale[1]:
         raise UserError(f"scale range {cfg.scale} must satisfy 0 < min <= max", 2)
+    from ldnbench.data.resize import check_eval_at, check_width
+
+    check_eval_at(cfg.eval_at)
+    for w in (cfg.resize.values() if isinstance(cfg.resize, dict) else [cfg.resize]):
+        check_width(w)
+    if cfg.eval_at == "resized" and cfg.resize is None:
+        raise UserError("--eval-at resized needs --resize W (the width the images and labels are resized to)", 2)
+    if cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install 'ldnbench[tensorboard]' "
+                            "(or pip install tensorboard)", 2) from None
 
 
 def check_out(cfg: TrainConfig) -> None:
@@ -226,6 +239,13 @@ def _open_datasets(cfg: TrainConfig, train_set, val_set):
                     val_set = None
     if len(train_set) == 0:
         raise UserError(f"the {cfg.split!r} split of {cfg.dataset} under {cfg.root} has no samples", 1)
+    from ldnbench.data.resize import apply_resize, is_resized, width_for
+
+    width = width_for(cfg.resize, cfg.dataset)
+    if not is_resized(train_set):  # a caller's set that is resized already (cross) is used as given
+        train_set = apply_resize(train_set, width, "resized")
+    if val_set is not None and not is_resized(val_set):
+        val_set = apply_resize(val_set, width, cfg.eval_at)
     return train_set, val_set
 
 
@@ -249,7 +269,12 @@ def _check_crop(cfg: TrainConfig, crop: int, train_set) -> None:
     if cfg.pad:
         # Padding makes any crop possible, but a crop far beyond every rescaled image is only padding
         # (and a 4096² batch of it exhausts memory before a single step): refuse it up front.
+        from ldnbench.data.resize import find_resized, resized_size
+
         sizes = _image_sizes(train_set)
+        r = find_resized(train_set)
+        if r is not None:  # file headers give the sizes before resizing
+            sizes = [resized_size(h, w, r.width) for h, w in sizes]
         h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
         largest = cfg.scale[1] * max(h, w)
         if crop > 2 * largest:
@@ -473,14 +498,63 @@ class _Run:
             checkpoints={"last": str(self.last_path), "best": str(self.best_path) if self.best else None},
             complexity=self.complexity, started=self.started, workers=self.workers,
             train_precision=amp_precision(self.amp),
-            eval_settings={"scales": [1.0], "flip": False, "sliding": None, "precision": "fp32"})
+            eval_settings=self._eval_settings())
         write_record(self.record_path, rec)
+
+    def _eval_settings(self) -> dict[str, Any]:
+        from ldnbench.data.resize import protocol
+
+        s: dict[str, Any] = {"scales": [1.0], "flip": False, "sliding": None, "precision": "fp32"}
+        if self.val_set is not None:
+            width, eval_at = protocol(self.val_set)
+            if width is not None:
+                s.update(resize=width, eval_at=eval_at)
+        return s
+
+    def _write_curves(self) -> None:
+        """history.csv and curves.png next to the record, rewritten (atomically) after every epoch."""
+        if not self.is_main:
+            return
+        from ldnbench.report.curves import history_frame, training_curves
+        from ldnbench.fileio import atomic_write_text
+
+        atomic_write_text(self.out / "history.csv", history_frame(self.history).to_csv(index=False, float_format="%.10g"))
+        training_curves(self.history, self.final_metrics, self.out / "curves.png",
+                        title=f"{self.model.name} on {self.cfg.dataset}/{self.cfg.split}")
+
+    def _tb_log(self, entry: dict[str, Any] | None = None, final: dict[str, Any] | None = None) -> None:
+        if self.tb is None:
+            return
+        if entry is not None:
+            step = entry["epoch"]
+            for key, tag in (("loss", "train/loss"), ("loss_main", "train/loss_main"), ("loss_aux", "train/loss_aux"),
+                             ("lr", "train/lr"), ("images_per_s", "train/images_per_s")):
+                if entry.get(key) is not None:
+                    self.tb.add_scalar(tag, entry[key], step)
+            if entry.get("val") and entry["val"].get("miou") is not None:
+                self.tb.add_scalar("val/miou", entry["val"]["miou"], step)
+        if final and final.get("miou") is not None:
+            self.tb.add_scalar("val/final_miou", final["miou"], self.epoch)
+        self.tb.flush()
 
     # --- loop -------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.complexity = _complexity(self.model, self.cfg.is_pretrained) if self.is_main else {}
+        self.tb = None
+        if self.is_main and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+        try:
+            return self._run()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+
+    def _run(self) -> TrainResult:
+        cfg = self.cfg
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             where = f" x {self.d.world} processes" if self.d.enabled else ""
@@ -513,6 +587,8 @@ class _Run:
                 self._maybe_best(self.final_metrics, final=True)
         self._save_last()
         self._write_record("finished")
+        self._write_curves()
+        self._tb_log(final=self.final_metrics)
         if self.final_metrics:
             self._log(f"final: mIoU {_pct(self.final_metrics.get('miou'))} on {cfg.dataset}/{cfg.val_split}")
         return TrainResult(self.out, self.record_path, self.last_path,
@@ -613,6 +689,8 @@ class _Run:
                   + f"), lr {lr:.2e}, {entry['images_per_s']:.1f} img/s, {entry['time_s']:.0f} s{val}")
         self._save_last()
         self._write_record("running")
+        self._write_curves()
+        self._tb_log(entry)
 
     @property
     def loss_has_aux(self) -> bool:

@@ -15,6 +15,13 @@ from ldnbench.errors import UserError
 #: :func:`ldnbench.runtime.resolve_amp`).
 AMP_MODES = ("none", "auto", "bf16", "fp16")
 
+#: Where a resized evaluation is scored (see :mod:`ldnbench.data.resize`): at the labels' original
+#: resolution, or against labels resized the same way.
+EVAL_AT = ("original", "resized")
+#: Scoring against the dataset's own labels: numbers comparable across --resize values and with
+#: the official server (see docs/evaluation.md).
+DEFAULT_EVAL_AT = "original"
+
 # Per-dataset presets of the paper (section 5): the values that differ from the defaults of
 # :class:`TrainConfig`. ``crop`` comes from each adapter's ``crop_size`` (448/512/768). CamVid's
 # epoch count depends on initialisation (400 ImageNet / 800 random), VOC is trained in two runs:
@@ -97,6 +104,14 @@ class TrainConfig:
         "Extra adapter option (repeatable).", multiple="--dataset-option"))
     progress: bool = field(default=True, metadata=_cli("tqdm bars (--no-progress: one line per epoch only).",
                                                        flag="--progress/--no-progress"))
+    #: image width after resizing (aspect kept): an int, or ``{dataset: width}`` with ``"*"`` for all
+    #: (see :mod:`ldnbench.data.resize`), for training and validation; the CLI's ``--resize``.
+    resize: int | dict[str, int] | None = None
+    #: the validation's label resolution under ``resize`` (:data:`EVAL_AT`); the CLI's ``--eval-at``.
+    eval_at: str = DEFAULT_EVAL_AT
+    tensorboard: bool = field(default=False, metadata=_cli("Also write TensorBoard event files to OUT/tensorboard "
+                                                           "(pip install 'ldnbench[tensorboard]').",
+                                                           flag="--tensorboard"))
 
     @classmethod
     def preset(cls, model: str, dataset: str, **overrides: Any) -> "TrainConfig":

@@ -43,3 +43,22 @@ def test_demo_tiny_runs_every_step(tmp_path, cli_runner):
     assert r2.exit_code == 0, r2.output
     assert "synthetic datasets already in" in r2.output and "training ldn121" not in r2.output
     assert r2.output.count("cells finished earlier; skipped") == 2
+
+
+def test_demo_states_its_protocol_and_ends_with_a_gallery(tmp_path, cli_runner):
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    r = cli_runner.invoke(main, ["demo", "--out", str(out), "--budget", "tiny"])
+    assert r.exit_code == 0, r.output
+    assert "vistas width 64, others full resolution (eval at original)" in r.output
+    study = json.loads(next((out / "results" / "cross").glob("*/result.json")).read_text())
+    assert study["resize"] == {"vistas": 64} and study["eval_at"] == "original"
+    trains = {t["dataset"]: t for t in (json.loads(p.read_text()) for p in (out / "results").rglob("result.json"))
+              if t["kind"] == "train"}
+    assert trains["vistas"]["config"]["resize"] == 64 and trains["cityscapes"]["config"]["resize"] is None
+    assert len(list((out / "results" / "cross").glob("*/train-*/curves.png"))) == 2
+    g = out / "gallery" / "gallery.png"
+    assert "gallery" in r.output and Image.open(g).size[1] > 100
+    rec = json.loads((out / "gallery" / "eval-per-image.json").read_text())
+    assert len(rec["per_image"]) == 1 and len(list((out / "gallery" / "predictions").glob("*.png"))) == 1

@@ -196,3 +196,32 @@ def test_synthetic_roots_are_never_grouped_with_the_real_dataset(tmp_path):
     res = export(tmp_path / "res", tmp_path / "lb", "csv", figures=False)
     assert list(res.tables) == ["synthetic-cityscapes"]
     assert (res.tables["synthetic-cityscapes"]["source"] == "ours").all()  # no published rows beside it
+
+
+def test_protocols_and_precisions_are_stated_never_silently_mixed(tmp_path):
+    from ldnbench.report.tables import to_markdown
+
+    def rec(name, miou, **settings):
+        es = {"scales": [1.0], "flip": False, "sliding": None, "precision": "fp32", **settings}
+        write_record(tmp_path / "res" / f"{name}.json", make_record("eval", model="ldn121-64to4", dataset="cityscapes",
+                                                                    split="val", metrics={"miou": miou},
+                                                                    eval_settings=es))
+
+    rec("full", 0.70)
+    rec("half", 0.66, resize=1024, eval_at="resized")
+    rec("half_orig", 0.64, resize=1024, eval_at="original")
+    rec("bf16", 0.69, precision="bf16")
+    res = export(tmp_path / "res", tmp_path / "lb", "csv,markdown", figures=False, with_paper=False)
+    rows = res.tables["cityscapes"].set_index("miou_pct")
+    assert rows.loc[70.0, "protocol"] == "full" and rows.loc[66.0, "protocol"] == "w1024@resized"
+    assert rows.loc[64.0, "protocol"] == "w1024@original"
+    assert rows.loc[69.0, "precision"] == "bf16" and rows.loc[69.0, "variant"] == "bf16"  # its own row, marked
+    assert pd.isna(rows.loc[70.0, "variant"])
+    md = (tmp_path / "lb" / "cityscapes.md").read_text()
+    assert "| Protocol" in md and "w1024@resized" in md and "| Precision" in md
+    assert set(read_csv(tmp_path / "lb" / "cityscapes.csv")["protocol"]) == {"full", "w1024@resized", "w1024@original"}
+    # one protocol, fp32 only: no extra columns to read
+    shutil.rmtree(tmp_path / "res")
+    rec("only", 0.70)
+    md = to_markdown(build_tables(collect(tmp_path / "res"), "dataset")["cityscapes"])
+    assert "Protocol" not in md and "Precision" not in md

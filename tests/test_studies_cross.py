@@ -161,3 +161,43 @@ def test_cross_bad_input(tmp_path, cli_runner):
         parse_roots(["cityscapes"])
     r = cli_runner.invoke(main, ["cross", "--train", "nosuchset", "--eval", "kitti", "--results", str(tmp_path)])
     assert r.exit_code == 2 and "unknown dataset" in r.stderr
+
+
+def test_cross_reuses_a_training_run_only_at_the_same_resize(tmp_path):
+    h = Harness()
+    first = _run(_cfg(tmp_path), h)
+    assert sorted(first.trained) == ["cityscapes", "vistas"]
+    # Vistas at width 64 is another training run; Cityscapes (full resolution) is reused with its cells
+    h2 = Harness()
+    second = _run(_cfg(tmp_path, resize={"vistas": 64}), h2)
+    assert second.trained == ["vistas"] and ("cityscapes", "kitti") in second.skipped
+    assert h2.trains == [("vistas", "Resized")]
+    ck = torch.load(second.checkpoints["vistas"], weights_only=True)
+    assert ck["config"]["resize"] == 64
+    # same protocol again: nothing is trained or evaluated
+    h3 = Harness()
+    third = _run(_cfg(tmp_path, resize={"vistas": 64}), h3)
+    assert h3.trains == [] and h3.evals == [] and not third.trained
+    # a bare width applies to every dataset: both retrained, every cell evaluated on resized images
+    h4 = Harness()
+    fourth = _run(_cfg(tmp_path, resize={"*": 48}, eval_at="resized"), h4)
+    assert sorted(fourth.trained) == ["cityscapes", "vistas"] and len(h4.evals) == 4
+    cells = [json.loads(p.read_text()) for p in (fourth.out_dir / "cells").rglob("*-w48-at-resized.json")]
+    assert len(cells) == 4 and all(c["eval_settings"]["resize"] == 48 and c["eval_settings"]["eval_at"] == "resized"
+                                   for c in cells)
+    study = json.loads((fourth.out_dir / "result.json").read_text())
+    assert study["resize"] == {"*": 48} and study["protocol"] == "every dataset width 48 (eval at resized)"
+    # and the full-resolution runs of the first call are still found for a full-resolution study
+    h5 = Harness()
+    _run(_cfg(tmp_path), h5)
+    assert h5.trains == [] and h5.evals == []
+
+
+def test_config_hash_keeps_old_full_resolution_runs():
+    from ldnbench.train import TrainConfig
+
+    cfg = TrainConfig(model="ldn121", dataset="cityscapes")
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resize", "eval_at", "tensorboard")}
+    assert config_hash(old) == config_hash(cfg)  # records written before --resize existed
+    assert config_hash(dataclasses.replace(cfg, resize=1024)) != config_hash(cfg)
+    assert config_hash(dataclasses.replace(cfg, eval_at="resized", tensorboard=True)) == config_hash(cfg)

@@ -286,3 +286,68 @@ def test_bf16_autocast_on_cpu_trains(cs_root, tmp_path):
     # bf16 really ran (the loss differs in low bits) and is close to fp32
     assert res.history[0]["loss"] != fp32.history[0]["loss"]
     assert res.history[0]["loss"] == pytest.approx(fp32.history[0]["loss"], rel=0.05)
+
+
+def test_history_csv_and_curves_png_follow_the_run(cs_root, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "run"
+    # 8 images / batch 4 = 2 iterations per epoch: max_iters=2 stops after epoch 1
+    train(_config(cs_root, out, epochs=3, max_iters=2, val_split="val", val_every=1, recompute_bn=False))
+    first = pd.read_csv(out / "history.csv")
+    assert list(first["epoch"]) == [1] and (out / "curves.png").stat().st_size > 0
+    res = train(_config(cs_root, out, epochs=3, val_split="val", val_every=1, recompute_bn=False, resume=True))
+    h = pd.read_csv(out / "history.csv")
+    assert list(h.columns) == ["epoch", "iterations", "loss", "loss_main", "loss_aux", "lr", "time_s", "images_per_s",
+                               "val_miou"]
+    assert list(h["epoch"]) == [1, 2, 3] and h["loss"].tolist() == pytest.approx([e["loss"] for e in res.history])
+    assert h["lr"].tolist() == pytest.approx([e["lr"] for e in res.history])
+    # epoch 1 ended the first (max_iters) run, so its number was the final one; epoch 2 validated during
+    # training; the last epoch's number is the final validation
+    assert h["val_miou"].notna().tolist() == [False, True, False]
+    assert h["val_miou"][1] == pytest.approx(res.history[1]["val"]["miou"])
+    from PIL import Image
+
+    assert Image.open(out / "curves.png").size[0] > 500
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_resize_trains_and_validates_on_resized_images(cs_root, tmp_path):
+    from ldnbench.data.registry import get_dataset
+    from ldnbench.evaluate import evaluate, load_eval_model
+
+    res = train(_config(cs_root, tmp_path / "r", epochs=1, resize=48, eval_at="resized", val_split="val"))
+    rec = json.loads(res.record_path.read_text())
+    assert rec["config"]["resize"] == 48 and rec["eval_settings"]["resize"] == 48
+    assert rec["eval_settings"]["eval_at"] == "resized"
+    # the final validation is `eval --resize 48 --eval-at resized` of the checkpoint, pixel for pixel
+    model, *_ = load_eval_model(res.last_checkpoint)
+    again = evaluate(model, get_dataset("cityscapes", cs_root, "val"), resize=48, eval_at="resized", progress=False)
+    assert again.metrics.to_dict() == res.final_metrics
+    assert int(again.metrics.confusion.sum()) == 2 * 36 * 48  # 96x72 -> 48x36 labels
+
+
+def test_tensorboard_missing_is_one_sentence(cs_root, tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tb(name, *a, **kw):
+        if name.startswith("torch.utils.tensorboard") or name == "tensorboard":
+            raise ImportError("No module named 'tensorboard'")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    with pytest.raises(UserError_, match=r"--tensorboard needs the tensorboard package: pip install"):
+        train(_config(cs_root, tmp_path / "tb", epochs=1, tensorboard=True))
+    assert not (tmp_path / "tb").exists()  # refused before anything was written
+
+
+def test_tensorboard_writes_event_files(cs_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(_config(cs_root, tmp_path / "tb", epochs=2, val_split="val", val_every=1, tensorboard=True))
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+from ldnbench.errors import UserError as UserError_  # noqa: E402

@@ -24,14 +24,17 @@ from ldnbench.report.records import RECORD_SCHEMA, BadRecord, read_records
 ROW_COLUMNS = [
     "source", "method", "backbone", "down_up", "variant", "model", "train_dataset", "dataset", "split",
     "miou_pct", "iiou_pct", "cat_iou_pct", "params_m", "gmac_1mpx", "ms",
-    "kind", "run_id", "commit", "date", "table", "notes",
+    "protocol", "precision", "kind", "run_id", "commit", "date", "table", "notes",
 ]
+#: ``protocol`` of a full-resolution evaluation (no --resize); resized ones read ``w1024@original``.
+FULL_RESOLUTION = "full"
 NUMERIC = ["miou_pct", "iiou_pct", "cat_iou_pct", "params_m", "gmac_1mpx", "ms"]
 #: Headers of the tables shown to people (LaTeX / Markdown), in order.
 DISPLAY = {
     "source": "Source", "method": "Method", "backbone": "Backbone", "down_up": "d→u", "variant": "Variant",
     "train_dataset": "Train", "split": "Split", "miou_pct": "mIoU", "iiou_pct": "iIoU",
     "cat_iou_pct": "cat. IoU", "params_m": "Params (M)", "gmac_1mpx": "GMAC@1MPx", "ms": "ms",
+    "protocol": "Protocol", "precision": "Precision",
 }
 DISPLAY_KEY = {v: k for k, v in DISPLAY.items()}
 #: Record kinds that are not accuracy rows (their numbers feed other tables and figures).
@@ -151,9 +154,23 @@ def _model_key(rec: dict) -> tuple[str, str]:
     return str(rec.get("model") or ""), json.dumps(opts, sort_keys=True, default=str)
 
 
+def record_protocol(rec: dict) -> tuple[str, str]:
+    """(resolution protocol, precision) an accuracy record was measured with.
+
+    ``full`` or ``w<width>@<eval_at>`` from ``eval_settings`` (no ``resize`` = full resolution);
+    precision as recorded (records older than the precision rule said ``amp``: true meant bf16).
+    """
+    es = rec.get("eval_settings") if isinstance(rec.get("eval_settings"), dict) else {}
+    width = es.get("resize")
+    proto = FULL_RESOLUTION if width is None else f"w{width}@{es.get('eval_at', 'original')}"
+    precision = es.get("precision") or ("bf16" if rec.get("amp") or es.get("amp") else "fp32")
+    return proto, str(precision)
+
+
 def record_row(rec: dict) -> dict[str, Any]:
     """One leaderboard row (``ROW_COLUMNS``) of an accuracy record."""
     metrics = rec.get("metrics") or {}
+    protocol, precision = record_protocol(rec)
     env = rec.get("environment") or {}
     train_ds = rec.get("train_dataset") or (rec.get("dataset") if rec.get("kind") == "train" else None)
     row = {
@@ -161,12 +178,14 @@ def record_row(rec: dict) -> dict[str, Any]:
         "train_dataset": train_ds, "dataset": rec.get("dataset"), "split": rec.get("split"),
         "miou_pct": _pct(metrics, "miou"), "iiou_pct": _pct(metrics, "iiou"),
         "cat_iou_pct": _pct(metrics, "cat_iou"), "params_m": _params_m(rec), "gmac_1mpx": _gmac(rec),
-        "ms": _ms(rec), "kind": rec.get("kind"), "run_id": rec.get("run_id"),
+        "ms": _ms(rec), "protocol": protocol, "precision": precision, "kind": rec.get("kind"), "run_id": rec.get("run_id"),
         "commit": env.get("git_commit"), "date": str(rec.get("timestamp") or "")[:10] or None,
         "table": None, "notes": None,
     }
     if _is_synthetic(rec.get("root")):  # never group synthetic scenes with the real dataset (or the paper)
         row["dataset"] = f"synthetic-{row['dataset']}"
+    if precision != "fp32":  # a reduced-precision number is another measurement, never the same row as fp32
+        row["variant"] = " ".join(filter(None, [row["variant"], precision]))
     opts = rec.get("model_options") if isinstance(rec.get("model_options"), dict) else {}
     if opts:  # not the paper's configuration: say so where people look
         row["variant"] = " ".join(filter(None, [row["variant"], "custom"]))
@@ -243,6 +262,7 @@ def paper_rows(paper: pd.DataFrame) -> pd.DataFrame:
     df["variant"] = paper.apply(_paper_variant, axis=1) if len(paper) else df["variant"]
     df["kind"] = "paper"
     df["table"] = paper["table"].astype(str)
+    df["protocol"] = "paper"  # the published protocol of each table (its resolution is in the variant)
     return _typed(df)
 
 
@@ -308,8 +328,17 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
             col = col.map(lambda v: "" if v is None or pd.isna(v) else str(v))
         if key in ("variant", "iiou_pct", "cat_iou_pct", "ms", "train_dataset") and not col.astype(bool).any():
             continue
+        if key in ("protocol", "precision") and not _shown(df[key], FULL_RESOLUTION if key == "protocol" else "fp32"):
+            continue
         cols[header] = col
     return pd.DataFrame(cols).reset_index(drop=True)
+
+
+def _shown(col: pd.Series, default: str) -> bool:
+    """Show a protocol/precision column when any of the user's rows differs from the default: rows of
+    different protocols then never share the mIoU column without saying so."""
+    ours = col[col.notna() & (col != "paper")]
+    return bool(len(ours)) and (set(ours) != {default})
 
 
 def to_latex(df: pd.DataFrame, caption: str | None = None) -> str:
@@ -339,7 +368,7 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
 def read_csv(path: str | Path) -> pd.DataFrame:
     """Read a leaderboard CSV written by :func:`export` back with the same dtypes."""
     df = pd.read_csv(path, dtype={c: "string" for c in ROW_COLUMNS if c not in NUMERIC})
-    return _typed(df[ROW_COLUMNS])
+    return _typed(df.reindex(columns=ROW_COLUMNS))  # CSVs written before a column existed read as empty there
 
 
 def parse_formats(spec: str | Iterable[str]) -> list[str]:

@@ -27,15 +27,6 @@ def dataset_label_space(dataset: Any):
     return dataset.label_space
 
 
-def default_eval_settings() -> dict[str, Any]:
-    """The settings :func:`default_evaluate` runs with (``evaluate()``'s defaults: single scale, fp32)."""
-    from dataclasses import asdict
-
-    from ldnbench.evaluate import EvalSettings
-
-    return asdict(EvalSettings())
-
-
 def default_evaluate(device: str = "cpu", normalization: Any = None) -> EvaluateFn:
     """``ldnbench.evaluate.evaluate`` at single scale, returning the metrics dict; ``normalization``
     is the checkpoint's (``meta.normalization``, ImageNet when None)."""

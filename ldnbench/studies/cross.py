@@ -25,17 +25,24 @@ import torch
 
 from ldnbench.errors import UserError
 from ldnbench.checkpoints import load_checkpoint
-from ldnbench.studies.common import EvaluateFn, default_eval_settings, default_evaluate, model_mapping
+from ldnbench.studies.common import EvaluateFn, default_evaluate, model_mapping
 
 #: TrainConfig fields that do not change the trained weights (left out of the configuration hash).
 HASH_EXCLUDED = {"out", "resume", "progress", "workers", "device", "val_every", "val_limit", "val_split",
-                 "save_every", "ckpt"}
+                 "save_every", "ckpt", "eval_at", "tensorboard"}
+#: Fields added after runs were recorded: at these values they are left out of the hash, so the
+#: full-resolution runs recorded before ``resize`` existed keep their hash (and are reused).
+HASH_OMITTED_DEFAULTS = {"resize": None}
 
 
 def config_hash(config: Any) -> str:
-    """Stable hash of a training configuration (TrainConfig or the ``config`` dict of a train record)."""
+    """Stable hash of a training configuration (TrainConfig or the ``config`` dict of a train record).
+
+    ``resize`` is part of it: a run at another resolution protocol is another training run.
+    """
     d = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    d = {k: v for k, v in d.items() if k not in HASH_EXCLUDED}
+    d = {k: v for k, v in d.items() if k not in HASH_EXCLUDED
+         and not (k in HASH_OMITTED_DEFAULTS and v == HASH_OMITTED_DEFAULTS[k])}
     text = json.dumps(d, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -71,6 +78,10 @@ class CrossConfig:
     device: str = "cpu"
     #: TrainConfig overrides (epochs, batch_size, crop, max_iters, lr, pretrained, seed, workers ...).
     train_options: dict[str, Any] = field(default_factory=dict)
+    #: image width per dataset name, ``"*"`` for all (``--resize vistas=2048 --resize 1024``); {} = full resolution
+    resize: dict[str, int] = field(default_factory=dict)
+    #: label resolution of the evaluation cells when resized (see ldnbench.data.resize)
+    eval_at: str = "original"
 
 
 @dataclass
@@ -182,7 +193,18 @@ class _Study:
         opts = {k: v for k, v in self.cfg.train_options.items() if v is not None}
         cfg = TrainConfig.preset(self.model, train, **opts)
         return dataclasses.replace(cfg, root=root, split=self.cfg.train_split, val_split=None,
-                                   device=self.cfg.device if "device" not in opts else opts["device"])
+                                   device=self.cfg.device if "device" not in opts else opts["device"],
+                                   resize=self.train_resize(train))
+
+    def train_resize(self, train: str) -> int | dict[str, int] | None:
+        """The training config's ``resize``: a width for one dataset, ``{part: width}`` for a joined set."""
+        from ldnbench.data.resize import width_for
+
+        parts = train.split("+")
+        if len(parts) == 1:
+            return width_for(self.cfg.resize, parts[0])
+        widths = {p: width_for(self.cfg.resize, p) for p in parts}
+        return {p: w for p, w in widths.items() if w is not None} or None
 
     def find_finished(self, h: str) -> Path | None:
         """Checkpoint of a finished train run under ``results/`` whose config hashes to ``h``."""
@@ -211,8 +233,14 @@ class _Study:
             return ck, h, True
         out = self.out / f"train-{_slug(train)}-{h[:8]}"
         tcfg = dataclasses.replace(tcfg, out=str(out), resume=(out / "last.pt").is_file())
+        from ldnbench.data.resize import Resized, width_for
+
         parts = train.split("+")
+        # every part at its own width (Vistas 2048 beside Cityscapes 1024), marked resized even at full
+        # resolution so that train() does not resize the joined set again
         sets = [self.open_dataset(p, self.cfg.train_split) for p in parts]
+        sets = [Resized(s, width_for(self.cfg.resize, p), "resized") if width_for(self.cfg.resize, p) else s
+                for s, p in zip(sets, parts)]
         train_set = sets[0] if len(sets) == 1 else JoinedDataset(train, sets)
         self.say(f"[{train}] training {self.model} ({'resuming' if tcfg.resume else 'new run'}) -> {out}")
         train_fn = self.train_fn
@@ -223,24 +251,39 @@ class _Study:
 
     # --- evaluation -------------------------------------------------------------------------------
 
+    def eval_protocol(self, ev: str) -> tuple[int | None, str]:
+        from ldnbench.data.resize import width_for
+
+        w = width_for(self.cfg.resize, ev)
+        return w, (self.cfg.eval_at if w is not None else "original")
+
     def cell_path(self, train: str, h: str, ev: str) -> Path:
         limit = f"-first{self.cfg.eval_limit}" if self.cfg.eval_limit else ""
-        return self.out / "cells" / f"{_slug(train)}-{h[:8]}" / f"{_slug(ev)}-{self.cfg.eval_split}{limit}.json"
+        w, at = self.eval_protocol(ev)
+        proto = f"-w{w}-at-{at}" if w is not None else ""
+        return self.out / "cells" / f"{_slug(train)}-{h[:8]}" / f"{_slug(ev)}-{self.cfg.eval_split}{limit}{proto}.json"
 
-    def finished_cell(self, path: Path, h: str) -> dict | None:
+    def finished_cell(self, path: Path, h: str, ev: str | None = None) -> dict | None:
         try:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
         ok = isinstance(rec, dict) and rec.get("train_hash") == h and isinstance(rec.get("metrics"), dict)
+        if ok and ev is not None:
+            s = rec.get("eval_settings") or {}
+            ok = (s.get("resize"), s.get("eval_at", "original")) == self.eval_protocol(ev)
         return rec if ok and rec["metrics"].get("miou") is not None else None
 
     def evaluate_cell(self, train: str, h: str, ckpt: Path, ev: str, model_cache: dict) -> dict:
         from ldnbench.report.records import make_record, write_record
 
+        from ldnbench.data.resize import apply_resize
+
         dataset = self.open_dataset(ev, self.cfg.eval_split)
         if self.cfg.eval_limit is not None and self.cfg.eval_limit < len(dataset):
             dataset = torch.utils.data.Subset(dataset, range(self.cfg.eval_limit))
+        width, eval_at = self.eval_protocol(ev)
+        dataset = apply_resize(dataset, width, eval_at)
         if train not in model_cache:
             model_cache.clear()  # one model in memory at a time
             model_cache[train] = load_checkpoint(ckpt, self.model)
@@ -253,7 +296,8 @@ class _Study:
                           metrics=metrics, device=self.cfg.device, train_dataset=train, train_hash=h,
                           checkpoint=str(ckpt), eval_limit=self.cfg.eval_limit,
                           label_mapping=None if mapping is None else f"{mapping.src}->{mapping.dst}",
-                          eval_settings=default_eval_settings() if self.evaluate_fn is None else None)
+                          eval_settings=_eval_settings(width, eval_at) if self.evaluate_fn is None else None,
+                          train_resize=self.train_resize(train))
         write_record(self.cell_path(train, h, ev), rec)
         return rec
 
@@ -269,7 +313,7 @@ class _Study:
             tcfg_hash = config_hash(self.train_config(t))
             todo = []
             for e in self.cfg.eval:
-                rec = self.finished_cell(self.cell_path(t, tcfg_hash, e), tcfg_hash)
+                rec = self.finished_cell(self.cell_path(t, tcfg_hash, e), tcfg_hash, e)
                 if rec is not None:
                     cells[(t, e)] = 100 * rec["metrics"]["miou"]
                     skipped.append((t, e))
@@ -326,11 +370,32 @@ class _Study:
             matrix={"train": list(m.index), "eval": evals,
                     "miou_pct": [[_nan_none(m.loc[t, e]) for e in evals] for t in m.index]},
             missing={f"{t} -> {e}": why for (t, e), why in res.missing.items()},
-            train_options=self.cfg.train_options, eval_limit=self.cfg.eval_limit)
+            train_options=self.cfg.train_options, eval_limit=self.cfg.eval_limit,
+            resize=dict(self.cfg.resize), eval_at=self.cfg.eval_at,
+            protocol=describe_protocol(self.cfg.resize, self.cfg.eval_at))
         files.append(write_record(self.out / "result.json", rec))
         files += F.cross_heatmap(m[evals], self.out / "cross_matrix",
                                  title=f"{self.model}: cross-dataset mIoU (%)")
         return files
+
+
+def _eval_settings(width: int | None, eval_at: str) -> dict[str, Any]:
+    """What the default evaluator of a cell runs (single scale, fp32) plus its resolution protocol."""
+    from ldnbench.evaluate import EvalSettings
+
+    return EvalSettings(resize=width, eval_at=eval_at).to_dict()
+
+
+def describe_protocol(resize: dict[str, int], eval_at: str) -> str:
+    """One line for records and people: ``full resolution`` or ``vistas width 2048, others full resolution (eval at original)``."""
+    if not resize:
+        return "full resolution"
+    parts = [f"{k} width {w}" for k, w in sorted(resize.items()) if k != "*"]
+    if "*" in resize:
+        rest = f"every {'other ' if parts else ''}dataset width {resize['*']}"
+    else:
+        rest = "others full resolution"
+    return ", ".join(parts + [rest]) + f" (eval at {eval_at})"
 
 
 def _nan_none(v: Any) -> float | None:

@@ -22,8 +22,7 @@ from torch import nn
 
 from ldnbench.errors import UserError
 from ldnbench.checkpoints import CheckpointMeta, load_checkpoint
-from ldnbench.studies.common import (EvaluateFn, dataset_label_space, default_eval_settings, default_evaluate,
-                                     model_mapping)
+from ldnbench.studies.common import EvaluateFn, dataset_label_space, default_evaluate, model_mapping
 
 DEFAULT_FRACTIONS = tuple(round(i / 10, 1) for i in range(11))
 
@@ -163,6 +162,9 @@ class PruneConfig:
     device: str = "cpu"
     max_images: int | None = None
     out: str | Path = "results"
+    #: resolution protocol of the evaluations (ldnbench.data.resize); None = full resolution
+    resize: int | None = None
+    eval_at: str = "original"
 
 
 @dataclass
@@ -215,6 +217,12 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
         dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
     if cfg.max_images is not None and cfg.max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(cfg.max_images))
+    from ldnbench.data.resize import apply_resize, check_eval_at, check_width, protocol
+    from ldnbench.evaluate import EvalSettings
+
+    if cfg.eval_at == "resized" and cfg.resize is None:
+        raise UserError("--eval-at resized needs --resize W (the width the images and labels are resized to)", 2)
+    dataset = apply_resize(dataset, check_width(cfg.resize), check_eval_at(cfg.eval_at))
     space = dataset_label_space(dataset)
     if model is None:
         model, meta = load_checkpoint(cfg.checkpoint, cfg.model, num_classes=space.num_classes)
@@ -232,7 +240,8 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
                       checkpoint=str(cfg.checkpoint) if cfg.checkpoint else None, blocks=cfg.blocks,
                       train_dataset=meta.trained_on if meta else None,
                       units_per_block=per_block, classes=classes, curve=curve, max_images=cfg.max_images,
-                      eval_settings=default_eval_settings() if default else None)
+                      eval_settings=EvalSettings(resize=protocol(dataset)[0], eval_at=protocol(dataset)[1]).to_dict()
+                      if default else None)
     out = Path(cfg.out) / f"prune-{rec['model']}-{cfg.dataset}-{rec['run_id'].split('-', 1)[1]}"
     df = result.frame()
     result.csv = atomic_write_text(out / "prune.csv", df.to_csv(index=False, float_format="%.6g"))
