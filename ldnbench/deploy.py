@@ -18,6 +18,7 @@ it), so a backend's numbers follow the precision rule of :mod:`ldnbench.runtime`
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -144,7 +145,7 @@ def export_ready(model: nn.Module) -> nn.Module:
 def _unsupported(e: BaseException, name: str) -> UserError:
     """One sentence naming the operator the exporter could not translate (or its first error line)."""
     text = str(e)
-    ops = re.findall(r"aten[.:]+[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", text)
+    ops = re.findall(r"(?:aten|prims)[.:]+[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", text)
     if ops:
         return UserError(f"{name} cannot be exported to ONNX: the exporter has no translation for operator "
                          f"{ops[0]}; export another model or replace that operator")
@@ -160,6 +161,23 @@ def _dynamic_error(e: BaseException, name: str) -> UserError:
                      f"({why[:300]}); export it at a fixed --height/--width instead")
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs a failed shape guard as a multi-line error; the user gets our one sentence instead."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch._guards", "torch.fx.experimental.symbolic_shapes",
+                                              "torch._dynamo", "torch.export", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_program(model: nn.Module, size: tuple[int, int], *, dynamic: bool = False, input_dtype: str = "uint8",
                    normalization: Normalization | None = None, name: str | None = None, batch: int = 1):
     """``torch.onnx.export(dynamo=True)`` of :class:`RawInputModel` (``model`` already :func:`export_ready`).
@@ -170,7 +188,8 @@ def export_program(model: nn.Module, size: tuple[int, int], *, dynamic: bool = F
     name = name or getattr(model, "name", type(model).__name__)
     raw = RawInputModel(model, normalization or Normalization.imagenet()).eval()
     dtype = {"uint8": torch.uint8, "float32": torch.float32}[input_dtype]
-    x = torch.randint(0, 256, (batch, 3, *size), generator=torch.Generator().manual_seed(0)).to(dtype)
+    # a dynamic batch is traced with 2 images: a size-1 dimension would be specialised
+    x = torch.randint(0, 256, (2 if dynamic else batch, 3, *size), generator=torch.Generator().manual_seed(0)).to(dtype)
     shapes = None
     if dynamic:
         from torch.export import Dim
@@ -183,7 +202,7 @@ def export_program(model: nn.Module, size: tuple[int, int], *, dynamic: bool = F
                    3: Dim("width", min=low, max=8192)},)
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(raw, (x,), dynamic_shapes=shapes, strict=False)
