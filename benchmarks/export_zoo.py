@@ -16,12 +16,26 @@ from pathlib import Path
 import torch
 
 
+def try_dynamic(model, args, path) -> str:
+    from ldnbench.deploy import export_onnx
+    from ldnbench.errors import UserError
+
+    m = model.pad_multiple  # the dynamic range starts at 2 x the multiple + 1
+    size = (max(args.height, 2 * m) + m // 2, max(args.width, 2 * m) + m // 2)
+    try:
+        export_onnx(model, path, size=size, dynamic=True)
+        return "ok"
+    except UserError as e:
+        return "no: " + str(e).split("(", 1)[-1][:90] + "..."
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--height", type=int, default=128)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--models", default=None, help="comma list (default: every registered model)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-dynamic", action="store_true", help="skip the dynamic-size attempt")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -43,13 +57,7 @@ def main() -> None:
                 static, diff, agree = "ok", f"{p.max_abs_diff:.2g}", f"{100 * p.agreement:.4f} %"
             except UserError as e:
                 static, diff, agree = f"fails: {e}", "-", "-"
-            try:
-                m = model.pad_multiple  # the dynamic range starts at 2 x the multiple + 1
-                size = (max(args.height, 2 * m) + m // 2, max(args.width, 2 * m) + m // 2)
-                export_onnx(model, Path(tmp) / "d.onnx", size=size, dynamic=True)
-                dynamic = "ok"
-            except UserError as e:
-                dynamic = "no: " + str(e).split("(", 1)[-1][:90] + "..."
+            dynamic = "not tried" if args.no_dynamic else try_dynamic(model, args, Path(tmp) / "d.onnx")
             print(f"| {name} | {static} | {diff} | {agree} | {dynamic} | {time.perf_counter() - t0:.0f} |", flush=True)
 
 

@@ -733,7 +733,26 @@ def format_speed_table(result: SpeedResult) -> str:
                  f"{'channels-last' if cfg.channels_last else 'NCHW'}, {torch.get_num_threads()} threads; "
                  f"GMAC per image; 'x slower' = median latency / {result.rows[0].model} [{result.rows[0].backend}]'s; "
                  f"'CPU ms' = process CPU time per forward (all threads), robust to other load")
-    return "\n".join(lines)
+    return "\n".join(lines + gflops_ratio_lines(result))
+
+
+def gflops_ratio_lines(result: SpeedResult) -> list[str]:
+    """Per compared model: the main model's best backend's GFLOP/s as a share of that model's (torch and best)."""
+    main = result.rows[0].model
+    best = lambda rows: max(rows, key=lambda r: r.gflops_per_s or 0)  # noqa: E731
+    ours = best([r for r in result.rows if r.model == main])
+    lines = []
+    for other in dict.fromkeys(r.model for r in result.rows if r.model != main):
+        rows = [r for r in result.rows if r.model == other]
+        ref = {r.backend: r for r in rows}
+        theirs = best(rows)
+        if not (ours.gflops_per_s and theirs.gflops_per_s):
+            continue
+        torch_part = (f"{ours.gflops_per_s / ref['torch'].gflops_per_s:.0%} of {other}'s GFLOP/s in torch"
+                      if "torch" in ref and ref["torch"].gflops_per_s else "")
+        lines.append(f"{main} [{ours.backend}] reaches {torch_part}{', ' if torch_part else ''}"
+                     f"{ours.gflops_per_s / theirs.gflops_per_s:.0%} of its best [{theirs.backend}]")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------

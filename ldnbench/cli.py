@@ -205,6 +205,8 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     if path.suffix != ".json":
         path = path / f"{model.name}-{dataset}-{split}-{rec['run_id']}.json"
     click.echo(res.format_table())
+    if backend != "torch":
+        click.echo(f"backend: {rec['backend_version']}, exported graphs (one per input shape) run in fp32")
     write_record(path, rec)
     click.echo(f"wrote {path}")
 

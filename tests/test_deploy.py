@@ -236,3 +236,15 @@ def test_bench_speed_times_two_backends_in_one_run(tmp_path, cli_runner):
     assert [r["backend"] for r in rec["rows"]] == ["torch", "onnxruntime"]
     r = cli_runner.invoke(main, ["bench", "speed", "--size", "32", "--backend", "torch,nope"])
     assert r.exit_code == 2 and "unknown backend 'nope'" in r.output
+
+
+def test_speed_table_prints_the_gflops_ratio_of_the_best_backend():
+    from ldnbench import bench as B
+
+    def row(model, backend, gfs):
+        return B.SpeedRow(model, "8x8", 1, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, gfs, 1.0, backend=backend)
+
+    res = B.SpeedResult(B.SpeedConfig(), [row("ldn", "torch", 200.0), row("ldn", "openvino", 300.0),
+                                          row("dlv3", "torch", 400.0), row("dlv3", "openvino", 500.0)])
+    assert B.gflops_ratio_lines(res) == ["ldn [openvino] reaches 75% of dlv3's GFLOP/s in torch, "
+                                         "60% of its best [openvino]"]
