@@ -44,7 +44,7 @@ def main() -> None:
     from ldnbench.models import MODELS, build_model
 
     names = args.models.split(",") if args.models else list(MODELS)
-    print(f"| model | static {args.height}x{args.width} | max abs dlogit | label agreement | dynamic H/W | s |")
+    print(f"| model | static {args.height}x{args.width} | max abs dlogit (relative) | label agreement | dynamic H/W | s |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -54,7 +54,7 @@ def main() -> None:
             try:
                 res = export_onnx(model, Path(tmp) / "m.onnx", size=(args.height, args.width))
                 p = res.parity[0]
-                static, diff, agree = "ok", f"{p.max_abs_diff:.2g}", f"{100 * p.agreement:.4f} %"
+                static, diff, agree = "ok", f"{p.max_abs_diff:.2g} ({p.relative_diff:.1g})", f"{100 * p.agreement:.4f} %"
             except UserError as e:
                 static, diff, agree = f"fails: {e}", "-", "-"
             dynamic = "not tried" if args.no_dynamic else try_dynamic(model, args, Path(tmp) / "d.onnx")

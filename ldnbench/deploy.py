@@ -288,10 +288,15 @@ class Parity:
     size: tuple[int, int]
     max_abs_diff: float
     agreement: float
+    max_abs_logit: float = 1.0  # of PyTorch's logits: the scale the difference is relative to
+
+    @property
+    def relative_diff(self) -> float:
+        return self.max_abs_diff / max(self.max_abs_logit, 1e-12)
 
     def line(self) -> str:
-        return (f"{self.size[0]}x{self.size[1]}: max |dlogit| {self.max_abs_diff:.3g}, "
-                f"label agreement {100 * self.agreement:.4f} %")
+        return (f"{self.size[0]}x{self.size[1]}: max |dlogit| {self.max_abs_diff:.3g} ({self.relative_diff:.2g} of "
+                f"max |logit|), label agreement {100 * self.agreement:.4f} %")
 
 
 def sample_image(size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -316,7 +321,7 @@ def compare(runner, raw_model: nn.Module, x: torch.Tensor) -> Parity:
     if got.shape != ref.shape:
         raise UserError(f"the ONNX graph returned {tuple(got.shape)} logits, PyTorch {tuple(ref.shape)}")
     return Parity(tuple(x.shape[-2:]), float((got - ref).abs().max()),
-                  float((got.argmax(1) == ref.argmax(1)).float().mean()))
+                  float((got.argmax(1) == ref.argmax(1)).float().mean()), float(ref.abs().max()))
 
 
 @dataclass
