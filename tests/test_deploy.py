@@ -248,3 +248,14 @@ def test_speed_table_prints_the_gflops_ratio_of_the_best_backend():
                                           row("dlv3", "torch", 400.0), row("dlv3", "openvino", 500.0)])
     assert B.gflops_ratio_lines(res) == ["ldn [openvino] reaches 75% of dlv3's GFLOP/s in torch, "
                                          "60% of its best [openvino]"]
+
+
+def test_runner_reuses_its_output_buffer_but_calls_return_copies(tmp_path):
+    torch.manual_seed(0)
+    deploy.export_onnx(_Conv().eval(), tmp_path / "s.onnx", size=(16, 16), input_dtype="float32")
+    r = deploy.make_runner("onnxruntime", tmp_path / "s.onnx", threads=1)
+    a, b = np.zeros((1, 3, 16, 16), np.float32), np.full((1, 3, 16, 16), 255, np.float32)
+    ya, yb = r(a), r(b)
+    assert not np.shares_memory(ya, yb) and not np.allclose(ya, yb)
+    assert r.infer(a) is r.infer(b)  # the zero-copy call bench speed times
+    np.testing.assert_allclose(r.infer(a), ya, rtol=0, atol=0)
