@@ -178,19 +178,18 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     from ldnbench.evaluate import evaluate, load_eval_model
     from ldnbench.inference import MS_SCALES, reuse_freed_memory
     from ldnbench.report.records import write_record
+    from ldnbench.deploy import backend_version, check_backend, deployed_model
     from ldnbench.runtime import Distributed, check_precision, resolve_device
 
     dev = resolve_device(device)
     check_precision(precision, dev)
+    check_backend(backend, dev, precision)  # a missing extra fails before anything is loaded
     ds = get_dataset(dataset, root, split)
     if heap_reuse and dev.type == "cpu":
         reuse_freed_memory()
     model, space, model_options = load_eval_model(checkpoint, model_name, label_space or ds.label_space.name)
     mapping = None if space in (None, ds.label_space.name) else get_mapping(space, ds.label_space)
     scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
-    from ldnbench.deploy import backend_version, check_backend, deployed_model
-
-    check_backend(backend, dev, precision)
     net = deployed_model(model, backend, device=str(dev))  # the model itself for torch
     with Distributed(dev) as d:
         res = evaluate(net, ds, mapping=mapping, scales=scale_list, flip=flip, sliding=sliding, device=dev,
