@@ -259,8 +259,9 @@ def score_cmd(dataset, root, split, pred_dir, pred_format, json_out, workers, qu
               help="Exit 1 when fewer pixels than this get PyTorch's label in ONNX Runtime.")
 def onnx_cmd(checkpoint, model_name, label_space, out, height, width, dynamic, input_dtype, min_agreement):
     """Export a checkpoint as a self-contained ONNX graph (RGB 0..255 in, logits out) and verify it."""
-    from ldnbench.deploy import export_onnx, load_model_for_export
+    from ldnbench.deploy import check_backend, export_onnx, load_model_for_export
 
+    check_backend("onnxruntime")  # exporting verifies in ONNX Runtime: a missing extra fails first
     model, norm, _ = load_model_for_export(checkpoint, model_name, label_space)
     res = export_onnx(model, out, size=(height, width), dynamic=dynamic, normalization=norm,
                       input_dtype=input_dtype, min_agreement=min_agreement)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import numpy as np
@@ -140,26 +139,6 @@ def test_cli_onnx_exports_and_stops_on_disagreement(tiny, tmp_path, cli_runner, 
     assert r.exit_code == 1 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
     assert "disagrees with PyTorch" in r.output and not bad.exists()
     assert (tmp_path / "bad.onnx.rejected.onnx").is_file()
-
-
-def test_missing_extra_is_one_sentence(tiny, cli_runner, monkeypatch):
-    tmp, _, ck = tiny
-    real_import = builtins.__import__
-
-    def no_ort(name, *args, **kwargs):
-        if name == "onnxruntime" or name.startswith("onnxruntime."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.delitem(__import__("sys").modules, "onnxruntime")
-    monkeypatch.setattr(builtins, "__import__", no_ort)
-    monkeypatch.setattr(deploy.importlib, "import_module", lambda n: no_ort(n))
-    with pytest.raises(UserError, match=r"pip install 'ldnbench\[deploy\]'"):
-        deploy.require("onnxruntime")
-    r = cli_runner.invoke(main, ["eval", "--checkpoint", str(ck), "--dataset", "cityscapes", "--root",
-                                 str(tmp / "cs"), "--backend", "onnxruntime", "--quiet"])
-    assert r.exit_code == 1 and r.output.count("\n") == 1 and "onnxruntime" in r.output, r.output
-    assert "ldnbench[deploy]" in r.output
 
 
 def test_eval_backend_onnxruntime_matches_torch(tiny, cli_runner):
