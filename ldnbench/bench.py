@@ -537,6 +537,8 @@ class SpeedConfig:
     seed: int = 0
     #: time this checkpoint's model (its layout and weights, read by ldnbench.checkpoints) instead of ``model``
     checkpoint: str | None = None
+    #: runtimes timed for every model, in this order (``ldnbench.deploy.BACKENDS``)
+    backends: tuple[str, ...] = ("torch",)
 
 
 @dataclass
@@ -556,6 +558,8 @@ class SpeedRow:
     latencies_ms: list[float] = field(default_factory=list)
     cpu_ms_median: float | None = None  # process CPU time per forward, all threads
     folded_bn: int = 0
+    backend: str = "torch"
+    backend_version: str = ""
 
     def json_row(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SPEED_JSON_KEYS}
@@ -668,16 +672,27 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
     entries: list[tuple[str, Callable[[], nn.Module]]] = [
         (cfg.model, lambda: build_model(cfg.model, cfg.num_classes, **cfg.model_options))]
     entries += [(n, lambda n=n: build_compare_model(n, cfg.num_classes)) for n in compare]
+    from ldnbench.deploy import backend_speed_row, backend_version, check_backend
+
+    for b in cfg.backends:  # a missing extra or a wrong device must fail before anything is timed
+        check_backend(b, device, cfg.precision)
     for i, (name, make) in enumerate(entries):
-        if progress:
-            progress(f"{name}: {cfg.warmup} warm-up + {cfg.runs} timed forwards of "
-                     f"{cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]} on {device} ...")
         gmac = image_gmac(make, *cfg.size)
-        net, folded = _prepare(loaded if i == 0 and loaded is not None else make(), cfg, device)
-        rows.append(speed_row(name, net, cfg, device, gmac))
-        rows[-1].folded_bn = folded
-        del net
-        gc.collect()
+        model = loaded if i == 0 and loaded is not None else make()
+        for backend in cfg.backends:
+            if progress:
+                progress(f"{name} [{backend}]: {cfg.warmup} warm-up + {cfg.runs} timed forwards of "
+                         f"{cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]} on {device} ...")
+            if backend == "torch":
+                net, folded = _prepare(model, cfg, device)
+                rows.append(speed_row(name, net, cfg, device, gmac))
+                rows[-1].folded_bn = folded
+                del net
+            else:
+                rows.append(backend_speed_row(name, model, backend, cfg, device, gmac))
+            rows[-1].backend, rows[-1].backend_version = backend, backend_version(backend)
+            gc.collect()
+        del model
     ref = rows[0].latency_ms_median
     for r in rows:
         r.relative_latency = round(r.latency_ms_median / ref, 3)
@@ -703,13 +718,13 @@ def speed_record(result: SpeedResult, command: list[str] | None = None) -> dict[
 
 def format_speed_table(result: SpeedResult) -> str:
     ref_cpu = result.rows[0].cpu_ms_median
-    lines = [f"{'model':<30} {'median ms':>10} {'IQR ms':>8} {'FPS':>7} {'GMAC':>8} {'GFLOP/s':>8} {'x slower':>8} "
+    lines = [f"{'model':<30} {'backend':<12} {'median ms':>10} {'IQR ms':>8} {'FPS':>7} {'GMAC':>8} {'GFLOP/s':>8} {'x slower':>8} "
              f"{'CPU ms':>9} {'x by CPU':>8}"]
     for r in result.rows:
         gm = f"{r.gmac:.1f}" if r.gmac is not None else "-"
         gf = f"{r.gflops_per_s:.1f}" if r.gflops_per_s is not None else "-"
         xc = f"{r.cpu_ms_median / ref_cpu:.2f}" if r.cpu_ms_median and ref_cpu else "-"
-        lines.append(f"{r.model:<30} {r.latency_ms_median:>10.1f} {r.latency_ms_iqr:>8.1f} {r.fps:>7.3f} "
+        lines.append(f"{r.model:<30} {r.backend:<12} {r.latency_ms_median:>10.1f} {r.latency_ms_iqr:>8.1f} {r.fps:>7.3f} "
                      f"{gm:>8} {gf:>8} {r.relative_latency:>8.2f} {r.cpu_ms_median or 0:>9.0f} {xc:>8}")
     cfg = result.config
     lines.append(f"input {cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]}, {cfg.device}, "
@@ -717,9 +732,28 @@ def format_speed_table(result: SpeedResult) -> str:
                  f"{'BN folded into convs' if cfg.fold_bn else 'BN not folded'}, "
                  f"{'freed memory reused' if result.heap_reuse else 'freed memory returned to the OS'}, "
                  f"{'channels-last' if cfg.channels_last else 'NCHW'}, {torch.get_num_threads()} threads; "
-                 f"GMAC per image; 'x slower' = median latency / {result.rows[0].model}'s; "
+                 f"GMAC per image; 'x slower' = median latency / {result.rows[0].model} [{result.rows[0].backend}]'s; "
                  f"'CPU ms' = process CPU time per forward (all threads), robust to other load")
-    return "\n".join(lines)
+    return "\n".join(lines + gflops_ratio_lines(result))
+
+
+def gflops_ratio_lines(result: SpeedResult) -> list[str]:
+    """Per compared model: the main model's best backend's GFLOP/s as a share of that model's (torch and best)."""
+    main = result.rows[0].model
+    best = lambda rows: max(rows, key=lambda r: r.gflops_per_s or 0)  # noqa: E731
+    ours = best([r for r in result.rows if r.model == main])
+    lines = []
+    for other in dict.fromkeys(r.model for r in result.rows if r.model != main):
+        rows = [r for r in result.rows if r.model == other]
+        ref = {r.backend: r for r in rows}
+        theirs = best(rows)
+        if not (ours.gflops_per_s and theirs.gflops_per_s):
+            continue
+        torch_part = (f"{ours.gflops_per_s / ref['torch'].gflops_per_s:.0%} of {other}'s GFLOP/s in torch"
+                      if "torch" in ref and ref["torch"].gflops_per_s else "")
+        lines.append(f"{main} [{ours.backend}] reaches {torch_part}{', ' if torch_part else ''}"
+                     f"{ours.gflops_per_s / theirs.gflops_per_s:.0%} of its best [{theirs.backend}]")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------

@@ -262,6 +262,10 @@ _eval_at_option = click.option(
     "--eval-at", type=click.Choice(list(EVAL_AT)), default=DEFAULT_EVAL_AT, show_default=True,
     help="With --resize: score at the labels' original resolution (logits upsampled before the argmax; the "
          "benchmark protocol) or against labels resized the same way (the paper's Table 1/7 protocol).")
+#: Which runtime executes the model: eager PyTorch or an exported ONNX graph (ldnbench.deploy).
+_backend_option = click.option(
+    "--backend", type=click.Choice(["torch", "onnxruntime", "openvino", "tensorrt"]), default="torch",
+    show_default=True, help="Run the model in PyTorch or as its exported ONNX graph (fp32; tensorrt: CUDA, untested).")
 
 
 @main.command("eval")
@@ -289,8 +293,9 @@ _eval_at_option = click.option(
 @click.option("--out", type=click.Path(), default=None,
               help="Result record path (.json) or folder [default: results/eval/<model>-<dataset>-<split>-<run>.json].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_backend_option
 def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sliding, label_space, device, precision,
-             heap_reuse, max_images, workers, resize, eval_at, per_image, out, quiet):
+             heap_reuse, max_images, workers, resize, eval_at, per_image, out, quiet, backend):
     """Evaluate a checkpoint on a dataset split: per-class table and a JSON result record.
 
     Under torchrun every process evaluates a disjoint share of the images; rank 0 prints and writes.
@@ -303,10 +308,12 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     from ldnbench.evaluate import PerImageMetrics, evaluate, per_image_frame
     from ldnbench.inference import MS_SCALES, reuse_freed_memory
     from ldnbench.report.records import write_record
+    from ldnbench.deploy import backend_version, check_backend, deployed_model
     from ldnbench.runtime import Distributed, check_precision, resolve_device
 
     dev = resolve_device(device)
     check_precision(precision, dev)
+    check_backend(backend, dev, precision)  # a missing extra fails before anything is loaded
     ds = get_dataset(dataset, root, split)
     if heap_reuse and dev.type == "cpu":
         reuse_freed_memory()
@@ -315,19 +322,24 @@ def eval_cmd(model_name, checkpoint, dataset, split, root, ms, scales, flip, sli
     mapping = None if space in (None, ds.label_space.name) else get_mapping(space, ds.label_space)
     scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
     accumulators = [PerImageMetrics(ds.label_space)] if per_image else []
+    net = deployed_model(model, backend, device=str(dev), normalization=meta.normalization)  # the model itself for torch
     with Distributed(dev) as d:
-        res = evaluate(model, ds, mapping=mapping, scales=scale_list, flip=flip, sliding=sliding, device=dev,
+        res = evaluate(net, ds, mapping=mapping, scales=scale_list, flip=flip, sliding=sliding, device=dev,
                        precision=precision, progress=not quiet, num_workers=workers, max_images=max_images,
-                       normalization=meta.normalization, resize=resize, eval_at=eval_at, accumulators=accumulators)
+                       normalization=meta.normalization, resize=resize, eval_at=eval_at, accumulators=accumulators,
+                       fast=backend == "torch")  # an exported graph is already BN-folded
     if not d.is_main:
         return
     rec = res.to_record(model=model.name, model_options=meta.model_options, dataset=dataset, root=ds.root, split=split,
                         checkpoint=str(checkpoint), model_label_space=space or ds.label_space.name,
-                        normalization=meta.normalization.to_dict(), provenance=meta.provenance)
+                        normalization=meta.normalization.to_dict(), provenance=meta.provenance,
+                        backend=backend, backend_version=backend_version(backend))
     path = Path(out) if out else Path("results") / "eval"
     if path.suffix != ".json":
         path = path / f"{model.name}-{dataset}-{split}-{rec['run_id']}.json"
     click.echo(res.format_table())
+    if backend != "torch":
+        click.echo(f"backend: {rec['backend_version']}, exported graphs (one per input shape) run in fp32")
     write_record(path, rec)
     click.echo(f"wrote {path}")
     if per_image:
@@ -433,6 +445,30 @@ def predict_cmd(checkpoint, model_name, label_space, dataset, root, split, image
         path = draw_gallery(gallery_record, get_dataset(dataset, root, split), res.out, Path(out) / "gallery.png",
                             n=gallery_n, pred_format=res.format)
         click.echo(f"wrote {path}")
+
+
+# --- deployment: onnx (ldnbench.deploy) ----------------------------------------------------------
+@main.command("onnx")
+@click.option("--checkpoint", required=True, type=click.Path(), help="Trainer checkpoint (last.pt/best.pt) or state dict.")
+@click.option("--model", "model_name", default=None, help="Model name or alias (default: read from the checkpoint).")
+@click.option("--label-space", default=None, help="Label space of a bare state dict (e.g. cityscapes19).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--height", type=click.IntRange(min=1), default=1024, show_default=True, help="Input height.")
+@click.option("--width", type=click.IntRange(min=1), default=2048, show_default=True, help="Input width.")
+@click.option("--dynamic", is_flag=True, help="Symbolic batch/height/width (--height/--width: the verification size).")
+@click.option("--input-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
+              help="Element type of the RGB 0..255 input.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.999, show_default=True,
+              help="Exit 1 when fewer pixels than this get PyTorch's label in ONNX Runtime.")
+def onnx_cmd(checkpoint, model_name, label_space, out, height, width, dynamic, input_dtype, min_agreement):
+    """Export a checkpoint as a self-contained ONNX graph (RGB 0..255 in, logits out) and verify it."""
+    from ldnbench.deploy import check_backend, export_onnx, load_model_for_export
+
+    check_backend("onnxruntime")  # exporting verifies in ONNX Runtime: a missing extra fails first
+    model, norm, _ = load_model_for_export(checkpoint, model_name, label_space)
+    res = export_onnx(model, out, size=(height, width), dynamic=dynamic, normalization=norm,
+                      input_dtype=input_dtype, min_agreement=min_agreement)
+    click.echo(res.summary())
 
 
 # --- training: train (ldnbench.train) ------------------------------------------------------------
@@ -667,16 +703,20 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
 @click.option("--json", "json_out", default=None, metavar="OUT", help="Also write the rows as a JSON list to OUT.")
 @click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
+@click.option("--backend", "backends", default="torch", show_default=True, metavar="NAMES",
+              help="Comma list of runtimes timed for every model: torch, onnxruntime, openvino, tensorrt (CUDA).")
 def bench_speed_cmd(model, checkpoint, size, batch_size, device, precision, channels_last, compare, fold_bn, heap_reuse,
-                    runs, warmup, num_classes, threads, json_out, out):
+                    runs, warmup, num_classes, threads, json_out, out, backends):
     """Inference latency (median, IQR), FPS and GFLOP/s, beside torchvision models."""
     from ldnbench import bench as B
+
+    from ldnbench.deploy import resolve_backends
 
     names = tuple(B.resolve_compare(compare))  # first: a typo must fail before anything is built
     cfg = B.SpeedConfig(model=B.resolve_bench_model(model), num_classes=num_classes, size=B.parse_size(size),
                         batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
                         compare=names, fold_bn=fold_bn, heap_reuse=heap_reuse, runs=runs, warmup=warmup,
-                        threads=threads, checkpoint=checkpoint)
+                        threads=threads, checkpoint=checkpoint, backends=tuple(resolve_backends(backends)))
     result = B.bench_speed(cfg, progress=lambda m: click.echo(m, err=True))
     click.echo(B.format_speed_table(result))
     _bench_outputs(B.speed_record(result, command=sys.argv), [r.json_row() for r in result.rows], out, json_out)

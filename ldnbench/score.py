@@ -9,7 +9,6 @@ Sizes are checked from the PNG headers before any decoding, so a wrong file fail
 from __future__ import annotations
 
 import os
-import queue
 import struct
 import threading
 import time
@@ -224,12 +223,9 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
     _check_matching(match, dataset, pred_dir)
     _check_headers(dataset, match)
 
-    todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    for i in range(len(dataset.files)):
-        todo.put(i)
     n_workers = max(1, min(workers, len(dataset.files)))
-    for _ in range(n_workers):
-        todo.put(None)
+    # Cityscapes: labels derived from the instanceIds PNG, one ground-truth decode instead of two
+    load_target = getattr(dataset, "load_target_fast", dataset.load_target)
     accs = [SegMetrics(space, extra_pred_categories=fmt.extra_pred_categories, pred_lut=fmt.lut,
                        pred_desc=fmt.describe) for _ in range(n_workers)]
     errors: list[BaseException] = []
@@ -240,10 +236,11 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
 
     bar = tqdm(total=len(dataset.files), desc="score", unit="img", disable=not progress)
 
-    def work(acc: SegMetrics) -> None:
-        while not stop.is_set():
-            i = todo.get()
-            if i is None:
+    def work(k: int, acc: SegMetrics) -> None:
+        # worker k takes frames k, k + n, ...: a fixed share in a fixed order, so the float sums (iIoU
+        # weights) and hence the result do not depend on thread timing
+        for i in range(k, len(dataset.files), n_workers):
+            if stop.is_set():
                 return
             try:
                 f = dataset.files[i]
@@ -256,7 +253,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
                         raise UserError(f"prediction {path} has values {', '.join(map(str, bad))} outside "
                                         f"{fmt.describe}; check --pred-format")
                     pred = pred.to(torch.uint8)
-                label, inst = dataset.load_target(i)
+                label, inst = load_target(i)
                 try:
                     deltas[i] = _image_update(acc, pred, label, inst)  # translates the format in its lookup table
                 except UserError as e:
@@ -270,7 +267,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over images instead of inside each op
     try:
-        threads = [threading.Thread(target=work, args=(acc,), daemon=True) for acc in accs]
+        threads = [threading.Thread(target=work, args=(k, acc), daemon=True) for k, acc in enumerate(accs)]
         for t in threads:
             t.start()
         for t in threads:

@@ -168,3 +168,46 @@ def test_palette_and_16bit_prediction_pngs_are_read_as_ids(tree):
     Image.fromarray(np.full((H, W), 700, np.uint16)).save(p1)
     with pytest.raises(UserError, match="values 700 outside"):
         score_predictions(ds, pred_dir, progress=False)
+
+
+def test_labels_derived_from_instance_ids_equal_the_label_ids_file(tree, monkeypatch):
+    """score reads only the instanceIds PNG (id < 1000: the label id, else id // 1000): same targets, same metrics."""
+    import ldnbench.data.cityscapes as cs
+
+    root, pred_dir, _ = tree
+    ds = get_dataset("cityscapes", root, "val")
+    for i in range(len(ds)):
+        (a, ia), (b, ib) = ds.load_target(i), ds.load_target_fast(i)
+        assert a.dtype == b.dtype == np.uint8 and np.array_equal(a, b) and np.array_equal(ia, ib)
+    fast = score_predictions(ds, pred_dir, progress=False).metrics
+    # the same scoring with both ground-truth PNGs decoded
+    monkeypatch.setattr(cs.Cityscapes, "load_target_fast", cs.Cityscapes.load_target)
+    slow = score_predictions(ds, pred_dir, progress=False).metrics
+    assert np.array_equal(fast.confusion, slow.confusion) and fast.to_dict() == slow.to_dict()
+    monkeypatch.undo()
+    # and one decode fewer: the labelIds file is not read at all
+    decoded = []
+    real = cs.read_label
+    monkeypatch.setattr(cs, "read_label", lambda p: decoded.append(p) or real(p))
+    ds.load_target_fast(0)
+    assert decoded == []
+    ds.load_target(0)
+    assert len(decoded) == 1
+
+
+def test_instance_ids_with_an_undefined_label_id_are_refused(tmp_path):
+    from ldnbench.data.cityscapes import decode_instanceids_with_labels
+
+    inst = np.full((8, 8), 7, np.uint16)
+    inst[0, 0], inst[1, 1] = 26001, 40  # a car instance; 40 is no Cityscapes label id
+    write_cityscapes(tmp_path, "val", "frankfurt_000000_000294", np.zeros((8, 8, 3), np.uint8),
+                     np.full((8, 8), 7, np.uint8), inst)
+    path = next(tmp_path.glob("gtFine/val/*/*_instanceIds.png"))
+    with pytest.raises(UserError, match="values 40 whose label id"):
+        decode_instanceids_with_labels(path)
+    inst[1, 1] = 7
+    path.unlink()
+    write_cityscapes(tmp_path, "val", "frankfurt_000000_000294", np.zeros((8, 8, 3), np.uint8),
+                     np.full((8, 8), 7, np.uint8), inst)
+    train, instances = decode_instanceids_with_labels(path)
+    assert train[0, 0] == 13 and train[2, 2] == 0 and instances[0, 0] == 26001 and instances[2, 2] == 0

@@ -4,6 +4,11 @@ Labels are ``*_gtFine_labelIds.png`` (label ids 0..33) mapped to the 19 train id
 from cityscapesscripts' ``labels``; ``*_gtFine_labelTrainIds.png`` (made by
 ``csCreateTrainIdLabelImgs``) is used instead when present. Instances come from the 16-bit
 ``*_gtFine_instanceIds.png`` (``id*1000+k`` for objects; values below 1000 are groups/stuff -> 0).
+
+The label ids follow exactly from the instanceIds (a value below 1000 is the label id, else
+``value // 1000``), so :meth:`Cityscapes.load_target_fast` (what ``score`` uses) decodes only the
+16-bit instanceIds PNG: one decode instead of two, identical labels for Cityscapes' own ground truth.
+:meth:`Cityscapes.load_target` (training, ``eval``, ``datasets check``) still reads the labelIds file.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from ldnbench.data.layout import index, lut, not_found, pair, remap, require_pai
 from ldnbench.data.base import SegDataset
 from ldnbench.data.io import read_label, read_png16
 from ldnbench.data.labels import IGNORE, cityscapes19
+from ldnbench.errors import UserError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
@@ -57,6 +63,30 @@ def decode_instanceids(path: Path) -> np.ndarray:
     return v
 
 
+@cache
+def instanceid_to_trainid() -> np.ndarray:
+    """Table over every 16-bit instanceIds value -> train id (-1 where the label id is undefined)."""
+    ids = np.arange(1 << 16)
+    ids = np.where(ids < 1000, ids, ids // 1000)
+    table = labelid_to_trainid()
+    out = np.full(ids.shape, -1, np.int16)
+    ok = ids < table.size
+    out[ok] = table[ids[ok]]
+    return out
+
+
+def decode_instanceids_with_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids uint8, instances int32 with 0 = none) from one Cityscapes instanceIds PNG."""
+    v = read_png16(path)
+    train = np.take(instanceid_to_trainid(), v)
+    if train.size and train.min() < 0:
+        bad = np.unique(v[train < 0])[:8]
+        raise UserError(f"instance file {path} has values {', '.join(map(str, bad))} whose label id (value, or "
+                        "value // 1000 from 1000 on) is not a Cityscapes label id 0..33; is it an instanceIds file?")
+    v[v < 1000] = 0
+    return train.astype(np.uint8), v
+
+
 class Cityscapes(SegDataset):
     """Cityscapes fine: ``train`` 2975, ``val`` 500, ``test`` 1525 (test labels are dummies)."""
 
@@ -84,3 +114,11 @@ class Cityscapes(SegDataset):
         f = self.labelled_files(i)
         inst = decode_instanceids(f.instances) if f.instances is not None else None
         return decode_label(f.label), inst
+
+    def load_target_fast(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`load_target` from the instanceIds PNG alone when the labels are labelIds (the labelIds file
+        is then neither decoded nor checked: it must agree with the instanceIds, as Cityscapes' own does)."""
+        f = self.labelled_files(i)
+        if f.instances is not None and f.label.name.endswith(LABEL_SUFFIX):
+            return decode_instanceids_with_labels(f.instances)
+        return self.load_target(i)
