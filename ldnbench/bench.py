@@ -619,13 +619,9 @@ def _prepare(model: nn.Module, cfg: SpeedConfig, device: str) -> tuple[nn.Module
     return net, bns(model) - bns(net)
 
 
-def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: float | None) -> SpeedRow:
-    """Time ``model`` on a random ``cfg.batch_size x 3 x H x W`` input; ``gmac`` is per image."""
+def _row(name: str, cfg: SpeedConfig, times: list[float], cpu: list[float], gmac: float | None,
+         params: int) -> SpeedRow:
     h, w = cfg.size
-    x = torch.randn(cfg.batch_size, 3, h, w, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    times, cpu = time_model(model, x, runs=cfg.runs, warmup=cfg.warmup, device=device, precision=cfg.precision)
     med = statistics.median(times)
     ms = [t * 1000 for t in times]
     return SpeedRow(
@@ -636,8 +632,37 @@ def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: 
         fps=round(cfg.batch_size / med, 4),
         gmac=round(gmac, 3) if gmac else None,
         gflops_per_s=round(2 * gmac * cfg.batch_size / med, 3) if gmac else None,
-        params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        params_m=round(params / 1e6, 3),
         latencies_ms=[round(t, 2) for t in ms], cpu_ms_median=round(statistics.median(cpu) * 1000, 2))
+
+
+def _input(cfg: SpeedConfig) -> torch.Tensor:
+    h, w = cfg.size
+    return torch.randn(cfg.batch_size, 3, h, w, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: float | None) -> SpeedRow:
+    """Time ``model`` on a random ``cfg.batch_size x 3 x H x W`` input; ``gmac`` is per image."""
+    x = _input(cfg).to(device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times, cpu = time_model(model, x, runs=cfg.runs, warmup=cfg.warmup, device=device, precision=cfg.precision)
+    return _row(name, cfg, times, cpu, gmac, sum(p.numel() for p in model.parameters()))
+
+
+def backend_speed_row(name: str, model: nn.Module, backend: str, cfg: SpeedConfig, device: str,
+                      gmac: float | None) -> SpeedRow:
+    """:func:`speed_row` for ``model`` exported and run by ``backend`` (same input, warm-up, runs; wall
+    and CPU time). The timed call is the deployment one: float RGB 0..255 in, logits in the runtime's
+    reused output buffer (an application reads them there; ``DeployedModel`` adds a copy), exported
+    and compiled before the warm-up."""
+    from ldnbench.deploy import DeployedModel, to_raw
+
+    net = DeployedModel(model, backend, threads=cfg.threads, device=device)
+    raw = to_raw(_input(cfg), net.normalization)
+    runner = net.runner(tuple(raw.shape))
+    times, cpu = time_model(runner.infer, raw.numpy(), runs=cfg.runs, warmup=cfg.warmup, device="cpu")
+    return _row(name, cfg, times, cpu, gmac, sum(p.numel() for p in model.parameters()))
 
 
 @dataclass
@@ -672,7 +697,7 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
     entries: list[tuple[str, Callable[[], nn.Module]]] = [
         (cfg.model, lambda: build_model(cfg.model, cfg.num_classes, **cfg.model_options))]
     entries += [(n, lambda n=n: build_compare_model(n, cfg.num_classes)) for n in compare]
-    from ldnbench.deploy import backend_speed_row, backend_version, check_backend
+    from ldnbench.deploy import backend_version, check_backend
 
     for b in cfg.backends:  # a missing extra or a wrong device must fail before anything is timed
         check_backend(b, device, cfg.precision)

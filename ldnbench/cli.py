@@ -418,8 +418,9 @@ def score_cmd(dataset, root, split, pred_dir, pred_format, json_out, workers, re
 @click.option("--gallery-n", type=click.IntRange(min=1), default=4, show_default=True,
               help="Worst and best images in the gallery.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_backend_option
 def predict_cmd(checkpoint, model_name, label_space, dataset, root, split, images, out, fmt, ms, scales, flip, sliding,
-                resize, device, precision, heap_reuse, overwrite, gallery_record, gallery_n, quiet):
+                resize, device, precision, heap_reuse, overwrite, gallery_record, gallery_n, quiet, backend):
     """Write one prediction PNG per image at its original resolution (resumable; torchrun: each image once)."""
     from ldnbench.inference import MS_SCALES, reuse_freed_memory
     from ldnbench.predict import run_predict
@@ -433,7 +434,8 @@ def predict_cmd(checkpoint, model_name, label_space, dataset, root, split, image
     scale_list = _parse_scales(scales) if scales else (MS_SCALES if ms else (1.0,))
     res = run_predict(checkpoint, out, dataset=dataset, root=root, split=split, images=images, fmt=fmt,
                       model_name=model_name, label_space=label_space, scales=scale_list, flip=flip, sliding=sliding,
-                      resize=resize, device=device, precision=precision, overwrite=overwrite, progress=not quiet)
+                      resize=resize, device=device, precision=precision, overwrite=overwrite, progress=not quiet,
+                      backend=backend)
     if res.rank != 0:
         return
     click.echo(f"{len(res.written)} prediction(s) written, {len(res.skipped)} already there (skipped) in {res.out} "

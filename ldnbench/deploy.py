@@ -113,7 +113,7 @@ class RawInputModel(nn.Module):
         return self.model(x.float() * self.scale + self.shift)
 
 
-def _to_raw(x: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+def to_raw(x: torch.Tensor, normalization: Normalization) -> torch.Tensor:
     """Normalised float -> float RGB 0..255 (the inverse of :class:`RawInputModel`'s first step)."""
     back = 255 / normalization.max_value
     std = torch.tensor(normalization.std, device=x.device).view(1, 3, 1, 1) * back
@@ -455,7 +455,7 @@ class DeployedModel(nn.Module):
         return torch.from_numpy(np.asarray(self.runner(arr.shape)(arr)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run_raw(_to_raw(x, self.normalization)).to(x.device)
+        return self.run_raw(to_raw(x, self.normalization)).to(x.device)
 
 
 def deployed_model(model: nn.Module, backend: str, **kwargs: Any) -> nn.Module:
@@ -463,33 +463,6 @@ def deployed_model(model: nn.Module, backend: str, **kwargs: Any) -> nn.Module:
     if backend == "torch":
         return model
     return DeployedModel(model, backend, **kwargs)
-
-
-# ------------------------------------------------------------------ bench speed
-def backend_speed_row(name: str, model: nn.Module, backend: str, cfg, device: str, gmac: float | None):
-    """A :class:`ldnbench.bench.SpeedRow` for ``model`` exported and run by ``backend``, under the protocol of
-    :func:`ldnbench.bench.speed_row` (same input, warm-up, runs; wall and CPU time). The timed call is the
-    deployment one: float RGB 0..255 in, logits in the runtime's reused output buffer (an application
-    reads them there; ``DeployedModel`` adds a copy), exported and compiled before the warm-up."""
-    import statistics
-
-    from ldnbench.bench import SpeedRow, _quantile, time_model
-
-    h, w = cfg.size
-    net = DeployedModel(model, backend, threads=cfg.threads, device=device)
-    x = torch.randn(cfg.batch_size, 3, h, w, generator=torch.Generator().manual_seed(cfg.seed))
-    raw = _to_raw(x, net.normalization)
-    runner = net.runner(tuple(raw.shape))
-    times, cpu = time_model(runner.infer, raw.numpy(), runs=cfg.runs, warmup=cfg.warmup, device="cpu")
-    med = statistics.median(times)
-    ms = [t * 1000 for t in times]
-    return SpeedRow(
-        model=name, size=f"{h}x{w}", batch_size=cfg.batch_size, latency_ms_median=round(med * 1000, 2),
-        latency_ms_iqr=round(_quantile(ms, 0.75) - _quantile(ms, 0.25), 2), latency_ms_min=round(min(ms), 2),
-        latency_ms_max=round(max(ms), 2), fps=round(cfg.batch_size / med, 4), gmac=round(gmac, 3) if gmac else None,
-        gflops_per_s=round(2 * gmac * cfg.batch_size / med, 3) if gmac else None,
-        params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        latencies_ms=[round(t, 2) for t in ms], cpu_ms_median=round(statistics.median(cpu) * 1000, 2))
 
 
 # ------------------------------------------------------------------ checkpoints

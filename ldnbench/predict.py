@@ -195,8 +195,11 @@ def run_predict(checkpoint: str | Path, out: str | Path, *, dataset: str | None 
                 split: str = "val", images: str | Path | None = None, fmt: str | None = None,
                 model_name: str | None = None, label_space: str | None = None, scales: Sequence[float] = (1.0,),
                 flip: bool = False, sliding: int | None = None, resize: int | None = None, device: str = "cpu",
-                precision: str = "fp32", overwrite: bool = False, progress: bool = True) -> PredictResult:
+                precision: str = "fp32", overwrite: bool = False, progress: bool = True,
+                backend: str = "torch") -> PredictResult:
     """``ldnbench predict``: load the checkpoint, pick the source, write the PNGs.
+
+    ``backend``: ``torch``, or an ONNX runtime that runs the exported graph (:mod:`ldnbench.deploy`).
 
     With ``dataset`` the predictions are in the dataset's label space (through ``get_mapping``
     when the model's differs); with ``images`` in the model's. ``fmt`` defaults to labelIds
@@ -204,6 +207,7 @@ def run_predict(checkpoint: str | Path, out: str | Path, *, dataset: str | None 
     """
     from ldnbench.data.spaces import get_label_space, get_mapping
     from ldnbench.data.registry import get_dataset
+    from ldnbench.deploy import check_backend, deployed_model
     from ldnbench.runtime import Distributed, resolve_device
 
     if (dataset is None) == (images is None):
@@ -211,6 +215,7 @@ def run_predict(checkpoint: str | Path, out: str | Path, *, dataset: str | None 
     if fmt == "labelIds" and dataset is not None and dataset not in LABEL_ID_DATASETS:
         check_format(fmt, get_label_space("cityscapes19"), dataset)  # before any file is read
     dev = resolve_device(device)
+    check_backend(backend, dev, precision)  # a missing extra or an fp16 graph fails before anything is read
     ds = get_dataset(dataset, root, split) if dataset is not None else None
     # a bare state dict predicts the dataset's classes unless told otherwise (as `eval` assumes)
     model, model_space, meta = load_model(checkpoint, model_name, label_space or (ds.label_space.name if ds else None))
@@ -226,9 +231,11 @@ def run_predict(checkpoint: str | Path, out: str | Path, *, dataset: str | None 
     if fmt is None:
         fmt = "labelIds" if space.name == "cityscapes19" and dataset in LABEL_ID_DATASETS else "trainIds"
     check_format(fmt, space, dataset)
+    net = deployed_model(model, backend, device=str(dev), normalization=meta.normalization)  # model itself for torch
     with Distributed(dev) as d:
-        res = predict_images(model, items, out, space=space, fmt=fmt, mapping=mapping, scales=scales, flip=flip,
+        res = predict_images(net, items, out, space=space, fmt=fmt, mapping=mapping, scales=scales, flip=flip,
                              sliding=sliding, resize=resize, device=dev, precision=precision, overwrite=overwrite,
-                             progress=progress, normalization=meta.normalization)
+                             progress=progress, normalization=meta.normalization,
+                             fast=backend == "torch")  # an exported graph is already BN-folded
         d.barrier()  # every rank's files are there before rank 0 reports (or draws a gallery)
     return res

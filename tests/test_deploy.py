@@ -162,6 +162,26 @@ def test_eval_backend_onnxruntime_matches_torch(tiny, cli_runner):
     assert r.exit_code == 2 and "fp32 graphs only" in r.output
 
 
+def test_predict_backend_onnxruntime_writes_the_torch_labels(tiny, tmp_path, cli_runner):
+    from PIL import Image
+
+    tmp, _, ck = tiny
+    common = ["predict", "--checkpoint", str(ck), "--dataset", "cityscapes", "--root", str(tmp / "cs"), "--quiet",
+              "--format", "trainIds"]
+    for backend in ("torch", "onnxruntime"):
+        r = cli_runner.invoke(main, [*common, "--backend", backend, "--out", str(tmp_path / backend)])
+        assert r.exit_code == 0, r.output
+    pngs = sorted((tmp_path / "torch").glob("*.png"))
+    assert len(pngs) == 2
+    for p in pngs:
+        a = np.asarray(Image.open(p))
+        b = np.asarray(Image.open(tmp_path / "onnxruntime" / p.name))
+        assert a.shape == b.shape == (64, 96) and (a == b).mean() >= 0.999
+    r = cli_runner.invoke(main, [*common, "--backend", "onnxruntime", "--precision", "bf16", "--out",
+                                 str(tmp_path / "bf16")])
+    assert r.exit_code == 2 and "fp32 graphs only" in r.output and not (tmp_path / "bf16").exists()
+
+
 def test_deployed_model_is_a_zoo_model_for_predict(tiny):
     _, model, _ = tiny
     net = deploy.DeployedModel(model, "onnxruntime")

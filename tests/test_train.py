@@ -314,14 +314,15 @@ def test_history_csv_and_curves_png_follow_the_run(cs_root, tmp_path):
 
 def test_resize_trains_and_validates_on_resized_images(cs_root, tmp_path):
     from ldnbench.data.registry import get_dataset
-    from ldnbench.evaluate import evaluate, load_eval_model
+    from ldnbench.checkpoints import load_checkpoint
+    from ldnbench.evaluate import evaluate
 
     res = train(_config(cs_root, tmp_path / "r", epochs=1, resize=48, eval_at="resized", val_split="val"))
     rec = json.loads(res.record_path.read_text())
     assert rec["config"]["resize"] == 48 and rec["eval_settings"]["resize"] == 48
     assert rec["eval_settings"]["eval_at"] == "resized"
     # the final validation is `eval --resize 48 --eval-at resized` of the checkpoint, pixel for pixel
-    model, *_ = load_eval_model(res.last_checkpoint)
+    model, _ = load_checkpoint(res.last_checkpoint)
     again = evaluate(model, get_dataset("cityscapes", cs_root, "val"), resize=48, eval_at="resized", progress=False)
     assert again.metrics.to_dict() == res.final_metrics
     assert int(again.metrics.confusion.sum()) == 2 * 36 * 48  # 96x72 -> 48x36 labels

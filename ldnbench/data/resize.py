@@ -142,7 +142,13 @@ class Resized(torch.utils.data.Dataset):
         return resize_image(self.dataset.load_image(i), self.width)
 
     def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        label, inst = self.dataset.load_target(i)
+        return self._target(*self.dataset.load_target(i))
+
+    def load_target_fast(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The adapter's cheapest way to the same target (``score``'s), resized like :meth:`load_target`."""
+        return self._target(*getattr(self.dataset, "load_target_fast", self.dataset.load_target)(i))
+
+    def _target(self, label: np.ndarray, inst: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         if not self.resize_targets:
             return label, inst
         return resize_map(label, self.width), None if inst is None else resize_map(inst, self.width)

@@ -296,7 +296,7 @@ class _Study:
                           metrics=metrics, device=self.cfg.device, train_dataset=train, train_hash=h,
                           checkpoint=str(ckpt), eval_limit=self.cfg.eval_limit,
                           label_mapping=None if mapping is None else f"{mapping.src}->{mapping.dst}",
-                          eval_settings=_eval_settings(width, eval_at) if self.evaluate_fn is None else None,
+                          eval_settings=_eval_settings(width, eval_at),
                           train_resize=self.train_resize(train))
         write_record(self.cell_path(train, h, ev), rec)
         return rec

@@ -227,7 +227,6 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
     if model is None:
         model, meta = load_checkpoint(cfg.checkpoint, cfg.model, num_classes=space.num_classes)
     model.eval()
-    default = evaluate_fn is None
     evaluate_fn = evaluate_fn or default_evaluate(cfg.device, meta.normalization if meta else None)
     mapping = model_mapping(meta.label_space if meta else None, dataset)
     curve, per_block = prune_curve(model, dataset, cfg.fractions, evaluate_fn, cfg.blocks, mapping,
@@ -240,8 +239,7 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
                       checkpoint=str(cfg.checkpoint) if cfg.checkpoint else None, blocks=cfg.blocks,
                       train_dataset=meta.trained_on if meta else None,
                       units_per_block=per_block, classes=classes, curve=curve, max_images=cfg.max_images,
-                      eval_settings=EvalSettings(resize=protocol(dataset)[0], eval_at=protocol(dataset)[1]).to_dict()
-                      if default else None)
+                      eval_settings=EvalSettings(resize=protocol(dataset)[0], eval_at=protocol(dataset)[1]).to_dict())
     out = Path(cfg.out) / f"prune-{rec['model']}-{cfg.dataset}-{rec['run_id'].split('-', 1)[1]}"
     df = result.frame()
     result.csv = atomic_write_text(out / "prune.csv", df.to_csv(index=False, float_format="%.6g"))
