@@ -19,7 +19,7 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,6 +38,35 @@ from ldnbench.runtime import (AMP_MODES, Distributed, amp_precision, autocast, d
 
 #: Iteration key of the pass that recomputes BatchNorm statistics (its crops differ from every epoch's).
 _BN_EPOCH_KEY = 2**31 - 1
+
+def _zero_running() -> dict[str, float]:
+    return {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "time": 0.0}
+
+
+@dataclass
+class Progress:
+    """Where a run is: everything besides weights, optimizer and RNG that ``last.pt`` must hold
+    to resume exactly (saved with :meth:`to_dict`, restored with :meth:`from_dict`, whole)."""
+
+    epoch: int = 0  #: completed epochs
+    step: int = 0  #: batches done in the current epoch
+    iteration: int = 0
+    running: dict[str, float] = field(default_factory=_zero_running)  #: sums over the current epoch
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    #: BatchNorm running statistics of training, kept while the checkpoint holds recomputed ones
+    train_bn: dict[str, torch.Tensor] | None = None
+    final_metrics: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Progress":
+        values = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        values["running"], values["history"] = dict(values["running"]), list(values["history"])
+        return cls(**values)
+
 
 @dataclass
 class TrainResult:
@@ -409,13 +438,7 @@ class _Run:
         self.iters_per_epoch = self.sampler.num_batches
         total = cfg.epochs * self.iters_per_epoch
         self.total_iters = min(total, cfg.max_iters) if cfg.max_iters else total
-        # progress state (all of it goes into last.pt)
-        self.epoch, self.step, self.iteration = 0, 0, 0
-        self.running = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "time": 0.0}
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None
-        self.train_bn: dict[str, torch.Tensor] | None = None  # running stats before the BN recomputation
-        self.final_metrics: dict[str, Any] | None = None
+        self.p = Progress()  # saved and restored whole
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if cfg.resume:
             ck = read_checkpoint(self.last_path)
@@ -444,10 +467,8 @@ class _Run:
         """The progress state that goes into last.pt beside the weights and the meta."""
         rng = _rng_state(self.device)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": rng,
-                 "epoch": self.epoch, "step": self.step, "iteration": self.iteration,
-                 "world_size": self.d.world, "running": dict(self.running), "history": self.history,
-                 "best": self.best, "train_bn": self.train_bn, "final_metrics": self.final_metrics}
+                 "scaler": self.scaler.state_dict(), "rng": rng, "world_size": self.d.world,
+                 **self.p.to_dict()}
         if self.d.enabled:
             ranks = [None] * self.d.world
             dist.all_gather_object(ranks, rng)
@@ -474,11 +495,9 @@ class _Run:
         if self.d.enabled and ck.get("world_size") == self.d.world and ck.get("rng_ranks"):
             rng = ck["rng_ranks"][self.d.rank]
         _set_rng_state(rng, self.device)
-        self.epoch, self.step, self.iteration = ck["epoch"], ck["step"], ck["iteration"]
-        self.running, self.history, self.best = dict(ck["running"]), list(ck["history"]), ck["best"]
-        self.final_metrics = ck.get("final_metrics")
-        self.train_bn = None
-        self._log(f"resumed {self.last_path} at epoch {self.epoch + 1}, iteration {self.iteration}")
+        # the training-time statistics were loaded above; the recomputation runs again at the end
+        self.p = dataclasses.replace(Progress.from_dict(ck), train_bn=None)
+        self._log(f"resumed {self.last_path} at epoch {self.p.epoch + 1}, iteration {self.p.iteration}")
 
     # --- record -----------------------------------------------------------------------------------
 
@@ -490,12 +509,12 @@ class _Run:
         cfg = self.cfg
         rec = make_record(
             "train", model=self.model.name, model_options=cfg.model_options, dataset=cfg.dataset,
-            root=cfg.root, split=cfg.split, metrics=self.final_metrics or {}, device=str(self.device),
+            root=cfg.root, split=cfg.split, metrics=self.p.final_metrics or {}, device=str(self.device),
             run_id=self.out.name, config=dataclasses.asdict(cfg), seed=cfg.seed, status=status,
             label_space=self.label_space.name, val_split=cfg.val_split if self.val_set is not None else None,
-            crop=self.crop, world_size=self.d.world, epochs_done=self.epoch, iterations=self.iteration,
-            iters_per_epoch=self.iters_per_epoch, history=self.history, best=self.best,
-            checkpoints={"last": str(self.last_path), "best": str(self.best_path) if self.best else None},
+            crop=self.crop, world_size=self.d.world, epochs_done=self.p.epoch, iterations=self.p.iteration,
+            iters_per_epoch=self.iters_per_epoch, history=self.p.history, best=self.p.best,
+            checkpoints={"last": str(self.last_path), "best": str(self.best_path) if self.p.best else None},
             complexity=self.complexity, started=self.started, workers=self.workers,
             train_precision=amp_precision(self.amp),
             eval_settings=self._eval_settings())
@@ -518,8 +537,8 @@ class _Run:
         from ldnbench.report.curves import history_frame, training_curves
         from ldnbench.fileio import atomic_write_text
 
-        atomic_write_text(self.out / "history.csv", history_frame(self.history).to_csv(index=False, float_format="%.10g"))
-        training_curves(self.history, self.final_metrics, self.out / "curves.png",
+        atomic_write_text(self.out / "history.csv", history_frame(self.p.history).to_csv(index=False, float_format="%.10g"))
+        training_curves(self.p.history, self.p.final_metrics, self.out / "curves.png",
                         title=f"{self.model.name} on {self.cfg.dataset}/{self.cfg.split}")
 
     def _tb_log(self, entry: dict[str, Any] | None = None, final: dict[str, Any] | None = None) -> None:
@@ -534,7 +553,7 @@ class _Run:
             if entry.get("val") and entry["val"].get("miou") is not None:
                 self.tb.add_scalar("val/miou", entry["val"]["miou"], step)
         if final and final.get("miou") is not None:
-            self.tb.add_scalar("val/final_miou", final["miou"], self.epoch)
+            self.tb.add_scalar("val/final_miou", final["miou"], self.p.epoch)
         self.tb.flush()
 
     # --- loop -------------------------------------------------------------------------------------
@@ -563,46 +582,46 @@ class _Run:
                       f"{self.total_iters} iterations) on {self.device} -> {self.out}")
         pin = self.device.type == "cuda"
         loader = _loader(self.data, self.sampler, self.workers, pin)
-        while self.iteration < self.total_iters and self.epoch < cfg.epochs:
+        while self.p.iteration < self.total_iters and self.p.epoch < cfg.epochs:
             self._train_epoch(loader)
-            if self.step == self.iters_per_epoch:
+            if self.p.step == self.iters_per_epoch:
                 self._end_epoch()
-        if self.step:  # stopped mid-epoch by max_iters: keep the exact position
-            r = self.running
-            self._log(f"stopped at iteration {self.iteration} (--max-iters) after {self.step}/{self.iters_per_epoch} "
-                      f"batches of epoch {self.epoch + 1}: loss {r['loss'] / max(r['n'], 1):.4f} over them")
+        if self.p.step:  # stopped mid-epoch by max_iters: keep the exact position
+            r = self.p.running
+            self._log(f"stopped at iteration {self.p.iteration} (--max-iters) after {self.p.step}/{self.iters_per_epoch} "
+                      f"batches of epoch {self.p.epoch + 1}: loss {r['loss'] / max(r['n'], 1):.4f} over them")
             self._save_last()
-        if cfg.recompute_bn and self.train_bn is None:
-            self.train_bn = _bn_buffers(self.model)
+        if cfg.recompute_bn and self.p.train_bn is None:
+            self.p.train_bn = _bn_buffers(self.model)
             self._log("recomputing BatchNorm statistics over the training set")
             sampler = EpochBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, self.d.rank, self.d.world,
                                         cycle=False)
             sampler.set_epoch(_BN_EPOCH_KEY)
             recompute_bn_stats(self.model, self._bn_batches(_loader(self.data, sampler, self.workers, pin)),
                                self.device, self.autocast)
-            self.final_metrics = None
-        if self.final_metrics is None:
-            self.final_metrics = self._validate()
-            if self.final_metrics is not None:
-                self._maybe_best(self.final_metrics, final=True)
+            self.p.final_metrics = None
+        if self.p.final_metrics is None:
+            self.p.final_metrics = self._validate()
+            if self.p.final_metrics is not None:
+                self._maybe_best(self.p.final_metrics, final=True)
         self._save_last()
         self._write_record("finished")
         self._write_curves()
-        self._tb_log(final=self.final_metrics)
-        if self.final_metrics:
-            self._log(f"final: mIoU {_pct(self.final_metrics.get('miou'))} on {cfg.dataset}/{cfg.val_split}")
+        self._tb_log(final=self.p.final_metrics)
+        if self.p.final_metrics:
+            self._log(f"final: mIoU {_pct(self.p.final_metrics.get('miou'))} on {cfg.dataset}/{cfg.val_split}")
         return TrainResult(self.out, self.record_path, self.last_path,
-                           self.best_path if self.best else None, self.epoch, self.iteration, self.final_metrics,
-                           self.best["miou"] if self.best else None, self.history, self.d.rank)
+                           self.best_path if self.p.best else None, self.p.epoch, self.p.iteration, self.p.final_metrics,
+                           self.p.best["miou"] if self.p.best else None, self.p.history, self.d.rank)
 
     def _train_epoch(self, loader) -> None:
         from tqdm import tqdm
 
         cfg = self.cfg
         self.net.train()
-        self.sampler.set_epoch(self.epoch, self.step)
+        self.sampler.set_epoch(self.p.epoch, self.p.step)
         lr = self.optimizer.param_groups[-1]["lr"]
-        bar = tqdm(total=self.iters_per_epoch, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=self.iters_per_epoch, initial=self.p.step, desc=f"epoch {self.p.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.is_main), leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
         try:
@@ -621,7 +640,7 @@ class _Run:
                 if not math.isfinite(value):
                     self._write_record("diverged")
                     raise TrainingDiverged(
-                        f"the loss is {value} at iteration {self.iteration + 1} (epoch {self.epoch + 1}); stopped. "
+                        f"the loss is {value} at iteration {self.p.iteration + 1} (epoch {self.p.epoch + 1}); stopped. "
                         f"The last good checkpoint is {self.last_path} (from iteration "
                         f"{self._last_saved_iteration()}); start a new run (another --out, or --init from it) "
                         f"with a lower --lr or without --amp", 1)
@@ -629,11 +648,11 @@ class _Run:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                self.step += 1
-                self.iteration += 1
+                self.p.step += 1
+                self.p.iteration += 1
                 dt = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                r = self.running
+                r = self.p.running
                 r["loss"] += value
                 r["main"] += main
                 r["aux"] += aux
@@ -642,9 +661,9 @@ class _Run:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{cfg.batch_size / max(dt, 1e-9):.1f}",
                                 refresh=False)
-                if self.iteration % cfg.save_every == 0 and self.step < self.iters_per_epoch:
+                if self.p.iteration % cfg.save_every == 0 and self.p.step < self.iters_per_epoch:
                     self._save_last()
-                if self.iteration >= self.total_iters:
+                if self.p.iteration >= self.total_iters:
                     break
         finally:
             bar.close()
@@ -667,24 +686,24 @@ class _Run:
 
     def _end_epoch(self) -> None:
         cfg = self.cfg
-        r = self.running
+        r = self.p.running
         lr = self.optimizer.param_groups[-1]["lr"]
         self.scheduler.step()
-        self.epoch += 1
-        self.step = 0
-        entry = {"epoch": self.epoch, "iterations": self.iteration, "loss": r["loss"] / max(r["n"], 1),
+        self.p.epoch += 1
+        self.p.step = 0
+        entry = {"epoch": self.p.epoch, "iterations": self.p.iteration, "loss": r["loss"] / max(r["n"], 1),
                  "loss_main": r["main"] / max(r["n"], 1),
                  "loss_aux": r["aux"] / max(r["n"], 1) if self.loss_has_aux else None, "lr": lr,
                  "time_s": r["time"], "images_per_s": r["n"] * cfg.batch_size / max(r["time"], 1e-9), "val": None}
-        self.running = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "time": 0.0}
-        last_epoch = self.epoch == cfg.epochs or self.iteration >= self.total_iters
-        if cfg.val_every and self.epoch % cfg.val_every == 0 and not last_epoch:
+        self.p.running = _zero_running()
+        last_epoch = self.p.epoch == cfg.epochs or self.p.iteration >= self.total_iters
+        if cfg.val_every and self.p.epoch % cfg.val_every == 0 and not last_epoch:
             entry["val"] = self._validate()
             if entry["val"] is not None:
                 self._maybe_best(entry["val"])
-        self.history.append(entry)
+        self.p.history.append(entry)
         val = f", val mIoU {_pct(entry['val'].get('miou'))}" if entry["val"] else ""
-        self._log(f"epoch {self.epoch}/{cfg.epochs}: loss {entry['loss']:.4f} (main {entry['loss_main']:.4f}"
+        self._log(f"epoch {self.p.epoch}/{cfg.epochs}: loss {entry['loss']:.4f} (main {entry['loss_main']:.4f}"
                   + (f", aux {entry['loss_aux']:.4f}" if entry["loss_aux"] is not None else "")
                   + f"), lr {lr:.2e}, {entry['images_per_s']:.1f} img/s, {entry['time_s']:.0f} s{val}")
         self._save_last()
@@ -703,12 +722,12 @@ class _Run:
 
     def _maybe_best(self, metrics: dict[str, Any], final: bool = False) -> None:
         miou = metrics.get("miou")
-        if miou is None or (self.best is not None and miou <= self.best["miou"]):
+        if miou is None or (self.p.best is not None and miou <= self.p.best["miou"]):
             return
-        self.best = {"miou": miou, "epoch": self.epoch, "iteration": self.iteration, "final": final}
+        self.p.best = {"miou": miou, "epoch": self.p.epoch, "iteration": self.p.iteration, "final": final}
         if self.is_main:
-            save_checkpoint(self.best_path, self.model.state_dict(), self._meta(), epoch=self.epoch,
-                            iteration=self.iteration, metrics=metrics)
+            save_checkpoint(self.best_path, self.model.state_dict(), self._meta(), epoch=self.p.epoch,
+                            iteration=self.p.iteration, metrics=metrics)
 
 
 def _global_mean_count(counts: torch.Tensor) -> torch.Tensor:
