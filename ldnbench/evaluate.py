@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldnbench.data.base import dataset_label_space
 from ldnbench.data.labels import LabelSpace
 from ldnbench.data.transforms import IMAGENET, Normalization, to_input
 from ldnbench.errors import UserError
@@ -159,15 +160,6 @@ class EvalResult:
                            world_size=self.world_size, **self.extra, **fields)
 
 
-def _label_space(dataset: Any) -> LabelSpace:
-    d = dataset
-    while not hasattr(d, "label_space") and hasattr(d, "dataset"):  # torch Subset
-        d = d.dataset
-    if not hasattr(d, "label_space"):
-        raise TypeError("the dataset must have a label_space (a SegDataset adapter or a Subset of one)")
-    return d.label_space
-
-
 def _identity(x):
     return x
 
@@ -209,7 +201,7 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
         raise UserError("--eval-at resized needs --resize W (the width the images and labels are resized to)", 2)
     dataset = apply_resize(dataset, check_width(resize), check_eval_at(eval_at))
     width, eval_at = protocol(dataset)
-    space = _label_space(dataset)
+    space = dataset_label_space(dataset)
     n_model = getattr(model, "num_classes", None)
     if mapping is None and n_model is not None and n_model != space.num_classes:
         raise UserError(f"the model predicts {n_model} classes but the dataset's label space {space.name} has "

@@ -7,7 +7,10 @@ with several scales and/or flips it averages the softmax probabilities of every 
 
 from __future__ import annotations
 
+import copy as _copy
+import ctypes
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -30,8 +33,6 @@ def reuse_freed_memory() -> bool:
     2.0 s with reuse). The price is that the process keeps its peak heap resident. A no-op returning
     False where glibc's ``mallopt`` is missing (macOS, musl) or refuses.
     """
-    import ctypes
-
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -49,20 +50,16 @@ def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, chann
     """An eval-only copy of ``model`` on ``device`` for fast inference: BatchNorms folded into the
     convolutions that feed them (:func:`fold_batchnorm`) and channels-last weights (CPU and CUDA
     convolutions are faster in that layout). The original model is left untouched."""
-    import copy
-
     device = torch.device(device)
-    net = copy.deepcopy(model).to(device).eval()
+    net = _copy.deepcopy(model).to(device).eval()
     if fold_bn:
         try:
             # a private generator: preparing a model must not move the caller's random stream
             example = torch.randn(1, 3, example_size, example_size, generator=torch.Generator().manual_seed(0))
             net, _ = fold_batchnorm(net, example.to(device), copy=False)
         except RuntimeError as e:  # folding changed the outputs (degenerate statistics): keep the plain model
-            import warnings
-
             warnings.warn(f"{e}; running the model with its BatchNorms unfolded", RuntimeWarning, stacklevel=2)
-            net = copy.deepcopy(model).to(device).eval()
+            net = _copy.deepcopy(model).to(device).eval()
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
@@ -224,8 +221,6 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-3, 
     BNs that read concatenations or sums stay. The copy's output is checked against the original on
     ``example``.
     """
-    import copy as _copy
-
     model = (_copy.deepcopy(model) if copy else model).eval()
     calls: dict[nn.Module, list] = {}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch.utils.data
@@ -85,3 +85,13 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Sample:
         label, instances = self.load_target(i)
         return Sample(self.load_image(i), label, self.files[i].id, instances)
+
+
+def dataset_label_space(dataset: Any) -> LabelSpace:
+    """The label space of an adapter, or of a wrapper of one (torch ``Subset``, ``Resized``, ...)."""
+    d = dataset
+    while not hasattr(d, "label_space") and hasattr(d, "dataset"):
+        d = d.dataset
+    if not hasattr(d, "label_space"):
+        raise TypeError("the dataset must have a label_space (a SegDataset adapter or a wrapper of one)")
+    return d.label_space

@@ -52,27 +52,31 @@ _NAME = re.compile(r"^(?P<l>l?)(?P<kind>ddn|dn|rn)(?P<depth>\d+)-(?P<d>\d+)(?:to
 
 def parse_model_name(name: str) -> ModelSpec:
     """Spec for any well-formed name: ``[l]dn<depth>-<d>[to<u>][-ablation]``, ``[l]ddn<depth>-<d>[to<u>]``
-    (dilated, d ∈ {8, 16}) or ``lrn<depth>-32to<u>``. Raises ValueError when malformed."""
+    (dilated, d ∈ {8, 16}) or ``lrn<depth>-32to<u>``. Raises ValueError saying what is wrong when malformed."""
     m = _NAME.match(name)
     if not m:
-        raise ValueError(name)
+        raise ValueError(f"{name!r} is not of the form [l]dn<depth>-<d>[to<u>][-ablation], [l]ddn<depth>-<d>[to<u>] "
+                         "or lrn<depth>-32to<u>")
     ladder, kind, depth, d = m["l"] == "l", m["kind"], int(m["depth"]), int(m["d"])
     u = int(m["u"]) if m["u"] else None
-    if ladder != (u is not None) or (u is not None and (u < 2 or d % u or (d // u) & (d // u - 1) or u >= d)):
-        raise ValueError(name)
+    if ladder != (u is not None):
+        raise ValueError(f"{name!r}: a ladder model (l...) needs 'to<u>', a model without upsampling must not have it")
+    if u is not None and (u < 2 or d % u or (d // u) & (d // u - 1) or u >= d):
+        raise ValueError(f"{name!r}: the output subsampling u must be a power-of-two divisor of d={d}, at least 2 "
+                         "and below d")
     abl = m["abl"]
     if abl is not None and (abl not in ABLATIONS or u is None):
-        raise ValueError(name)
+        raise ValueError(f"{name!r}: ablations are {', '.join(ABLATIONS)}, and only for ladder models")
     if kind == "rn":
         if depth not in RESNET_DEPTHS or d != 32 or (u is not None and u < 4):
-            raise ValueError(name)
+            raise ValueError(f"{name!r}: ladder ResNets are lrn<{'|'.join(map(str, RESNET_DEPTHS))}>-32to<u>, u >= 4")
         return ModelSpec(name, "resnet", depth, d, u, abl)
     if depth not in DENSENET_DEPTHS:
-        raise ValueError(name)
+        raise ValueError(f"{name!r}: DenseNet depths are {', '.join(map(str, DENSENET_DEPTHS))}")
     if (kind == "ddn") != (d < 32) or d not in (8, 16, 32, 64, 128):
-        raise ValueError(name)
+        raise ValueError(f"{name!r}: d is 32, 64 or 128 for dn/ldn, and 8 or 16 for the dilated ddn/lddn")
     if u == 2 and d < 32:
-        raise ValueError(name)
+        raise ValueError(f"{name!r}: dilated models upsample to /4 at the finest")
     return ModelSpec(name, "densenet", depth, d, u, abl)
 
 
@@ -129,7 +133,9 @@ def resolve_model_name(name: str) -> str:
         return key
     try:
         parse_model_name(key)
-    except ValueError:
+    except ValueError as e:
+        if _NAME.match(key):  # the right shape, a wrong part: say which
+            raise UserError(f"unknown model: {e}", 2) from None
         valid = ", ".join(list(MODELS) + [f"{a} (= {c})" for a, c in ALIASES.items()] + list(PEERS))
         raise UserError(f"unknown model {name!r}; valid models: {valid} (or any ldn<121|161|169|201>-<32|64|128>to<u> "
                         f"/ lrn<18|34|50|101|152>-32to<u> combination)", 2) from None

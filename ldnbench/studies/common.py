@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ldnbench.data.base import dataset_label_space
+
 
 #: ``evaluate_fn(model, dataset, mapping) -> metrics dict`` (keys of ``MetricResult.to_dict``).
 EvaluateFn = Callable[[nn.Module, Any, Any], dict]
@@ -19,12 +21,6 @@ def model_mapping(src_name: str | None, dataset: Any):
     if not src_name or src_name == dst.name:
         return None
     return get_mapping(get_label_space(src_name), dst)
-
-
-def dataset_label_space(dataset: Any):
-    while not hasattr(dataset, "label_space") and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset  # torch Subset
-    return dataset.label_space
 
 
 def default_evaluate(device: str = "cpu", normalization: Any = None) -> EvaluateFn:

@@ -22,7 +22,8 @@ from torch import nn
 
 from ldnbench.errors import UserError
 from ldnbench.checkpoints import CheckpointMeta, load_checkpoint
-from ldnbench.studies.common import EvaluateFn, dataset_label_space, default_evaluate, model_mapping
+from ldnbench.data.base import dataset_label_space
+from ldnbench.studies.common import EvaluateFn, default_evaluate, model_mapping
 
 DEFAULT_FRACTIONS = tuple(round(i / 10, 1) for i in range(11))
 
