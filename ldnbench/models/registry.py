@@ -134,11 +134,10 @@ def resolve_model_name(name: str) -> str:
     try:
         parse_model_name(key)
     except ValueError as e:
-        if _NAME.match(key):  # the right shape, a wrong part: say which
-            raise UserError(f"unknown model: {e}", 2) from None
+        why = f" ({str(e).split(': ', 1)[-1]})" if _NAME.match(key) else ""  # the right shape, a wrong part
         valid = ", ".join(list(MODELS) + [f"{a} (= {c})" for a, c in ALIASES.items()] + list(PEERS))
-        raise UserError(f"unknown model {name!r}; valid models: {valid} (or any ldn<121|161|169|201>-<32|64|128>to<u> "
-                        f"/ lrn<18|34|50|101|152>-32to<u> combination)", 2) from None
+        raise UserError(f"unknown model {name!r}{why}; valid models: {valid} (or any "
+                        f"ldn<121|161|169|201>-<32|64|128>to<u> / lrn<18|34|50|101|152>-32to<u> combination)", 2) from None
     return key
 
 
