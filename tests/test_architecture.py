@@ -63,3 +63,35 @@ def test_the_cycle_finder_finds_cycles():
 def test_no_import_cycle_inside_ldnbench():
     cycle = _cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+#: The README's architecture table, lowest layer first: a module may import only its own layer and below.
+LAYERS = [
+    ["errors", "fileio", "train_config", "runtime", "__init__"],
+    ["models"],
+    ["data"],
+    ["checkpoints", "convert"],
+    ["metrics", "losses", "inference"],
+    ["report"],
+    ["deploy"],
+    ["evaluate", "score", "predict", "train", "launch"],
+    ["studies", "bench", "demo", "report.gallery"],
+    ["cli", "__main__"],
+]
+
+
+def _layer(module: str) -> int:
+    rel = module.split(".", 1)[1] if "." in module else "__init__"
+    best = None
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            if (rel == n or rel.startswith(n + ".")) and (best is None or len(n) > best[1]):
+                best = (i, len(n))
+    assert best is not None, f"{module} is in no layer of the README's table"
+    return best[0]
+
+
+def test_modules_import_only_their_layer_and_below():
+    upward = [f"{m} -> {d}" for m, deps in import_graph().items() for d in deps
+              if d != "ldnbench" and _layer(d) > _layer(m)]
+    assert not upward, upward

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ldnbench.models.checkpointing import DEFAULT_TRAIN_POLICY, get_policy, maybe_checkpoint
 from ldnbench.models.densenet import cat, parts
 from ldnbench.models.layers import (
+    BackboneSplit,
     BNReLUConv,
     PyramidPoolingPSP,
     SpatialPyramidPooling,
@@ -38,7 +39,7 @@ class HeadConfig:
     dws: bool = False
 
 
-class LadderNet(nn.Module):
+class LadderNet(BackboneSplit, nn.Module):
     """Semantic segmentation model following the ldnbench model contract.
 
     Input: normalised float ``N×3×H×W`` of any size; it is zero-padded bottom/right to a multiple
@@ -112,14 +113,6 @@ class LadderNet(nn.Module):
         self.checkpointing = p.name
         self.backbone.set_checkpointing(p)
 
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the (ImageNet-initialisable) backbone."""
-        return list(self.backbone.parameters())
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Randomly initialised parameters: context module, upsampling path, classifier, aux heads."""
-        ids = {id(p) for p in self.backbone.parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
 
     def forward(self, x: Tensor):
         h, w = x.shape[-2:]

@@ -135,3 +135,17 @@ class TransitionUp(nn.Module):
             y = self.bt(y)
         y = self.blend(y)
         return y + (up if self.skip_bt is None else self.skip_bt(up))
+
+
+class BackboneSplit:
+    """Mixin of segmentation models with a ``backbone`` submodule: the parameter groups of training
+    (the ImageNet-initialisable backbone gets its own learning rate)."""
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the (ImageNet-initialisable) backbone."""
+        return list(self.backbone.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything else: context module, upsampling path, classifier, aux heads."""
+        ids = {id(p) for p in self.backbone.parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ldnbench.errors import UserError
-from ldnbench.models.layers import upsample
+from ldnbench.models.layers import BackboneSplit, upsample
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ PEERS: dict[str, PeerSpec] = {s.name: s for s in [
 PEER_ALIASES: dict[str, str] = {s.builder: s.name for s in PEERS.values()}
 
 
-class TorchvisionSegNet(nn.Module):
+class TorchvisionSegNet(BackboneSplit, nn.Module):
     """A torchvision segmentation network behind the ldnbench model contract (see the module docstring)."""
 
     pad_multiple = 1  # any input size; torchvision upsamples the logits to it
@@ -80,12 +80,6 @@ class TorchvisionSegNet(nn.Module):
 
         get_policy(policy)
 
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return list(self.backbone.parameters())
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        ids = {id(p) for p in self.backbone.parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
 
     def forward(self, x: Tensor):
         size = x.shape[-2:]
