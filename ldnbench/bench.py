@@ -36,9 +36,8 @@ segmentation models (random weights, nothing downloaded) in the same process for
 
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -57,10 +56,11 @@ import torch
 from torch import nn
 
 from ldnbench.errors import UserError
+from ldnbench.fileio import atomic_write_json
 from ldnbench.inference import prepare_model, reuse_freed_memory
-from ldnbench.runtime import autocast, check_precision, resolve_device
 from ldnbench.models.checkpointing import POLICIES as _MODEL_POLICIES
 from ldnbench.models.peers import PEERS
+from ldnbench.runtime import autocast, check_precision, resolve_device
 
 #: Checkpointing policies of paper Table 11, in the table's order (the model zoo's names).
 POLICIES = tuple(_MODEL_POLICIES)
@@ -793,8 +793,6 @@ def _worker_main(argv: list[str]) -> int:
     w.add_argument("--config", required=True, help="MemoryConfig as JSON")
     w.add_argument("--out", required=True, help="file to write the MemoryRow JSON to")
     args = parser.parse_args(argv)
-    from ldnbench.fileio import atomic_write_json
-
     cfg = MemoryConfig(**json.loads(args.config))
 
     def partial(row: MemoryRow) -> None:

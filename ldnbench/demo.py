@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ldnbench.errors import UserError
+from ldnbench.fileio import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,6 @@ def _gallery(out: Path, root: str, ckpt: Path, b: DemoBudget, device: str, say: 
     """
     from ldnbench.data.registry import get_dataset
     from ldnbench.evaluate import PerImageMetrics, evaluate, per_image_frame
-    from ldnbench.fileio import atomic_write_text
     from ldnbench.predict import load_model, run_predict
     from ldnbench.report.gallery import draw_gallery
     from ldnbench.report.records import write_record

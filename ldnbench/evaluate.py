@@ -14,16 +14,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from ldnbench.data.base import dataset_label_space
 from ldnbench.data.labels import LabelSpace
 from ldnbench.data.transforms import IMAGENET, Normalization, to_input
 from ldnbench.errors import UserError
 from ldnbench.inference import predict, prepare_model
-from ldnbench.runtime import check_precision, get_rank, get_world_size, synchronize
 from ldnbench.metrics import MetricResult, SegMetrics
+from ldnbench.runtime import check_precision, get_rank, get_world_size, synchronize
 
 
 @dataclass
@@ -87,8 +90,6 @@ class PerImageMetrics:
                                   "class_iou": {c: v for c, v in r.class_iou.items() if not math.isnan(v)}}))
 
     def evaluate(self) -> list[dict[str, Any]]:
-        import torch.distributed as dist
-
         rows = self.rows
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             parts: list = [None] * dist.get_world_size()
@@ -103,8 +104,6 @@ def _finite(v: float) -> float | None:
 
 def per_image_frame(rows: list[dict[str, Any]], classes: Sequence[str] | None = None):
     """pandas DataFrame of per-image rows: id, miou, pixel_acc, iou_<class> (empty where absent)."""
-    import pandas as pd
-
     classes = list(classes) if classes is not None else list(dict.fromkeys(c for r in rows for c in r["class_iou"]))
     return pd.DataFrame([{"id": r["id"], "miou": r["miou"], "pixel_acc": r["pixel_acc"],
                           **{f"iou_{c}": r["class_iou"].get(c) for c in classes}} for r in rows],
@@ -132,15 +131,11 @@ class EvalResult:
 
     def class_table(self):
         """pandas DataFrame: one row per class (IoU, iIoU as fractions; NaN where undefined)."""
-        import pandas as pd
-
         m = self.metrics
         return pd.DataFrame({"class": list(m.class_iou), "iou": list(m.class_iou.values()),
                              "iiou": [m.class_iiou.get(c, float("nan")) for c in m.class_iou]})
 
     def category_table(self):
-        import pandas as pd
-
         m = self.metrics
         return pd.DataFrame({"category": list(m.category_iou), "iou": list(m.category_iou.values()),
                              "iiou": [m.category_iiou.get(c, float("nan")) for c in m.category_iou]})
@@ -193,7 +188,13 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
     image are upsampled to the label's resolution before the argmax. ``accumulators`` get every
     prediction as well (:class:`Accumulator`, e.g. :class:`PerImageMetrics`).
     """
-    from ldnbench.data.resize import apply_resize, check_eval_at, check_width, find_resized, protocol
+    from ldnbench.data.resize import (
+        apply_resize,
+        check_eval_at,
+        check_width,
+        find_resized,
+        protocol,
+    )
 
     if resize is not None and find_resized(dataset) is not None:
         raise ValueError("the dataset is already Resized; do not pass resize= as well")
@@ -221,8 +222,6 @@ def evaluate(model: nn.Module, dataset, *, mapping=None, scales: Sequence[float]
         acc.reset()
     net = prepare_model(model, device, channels_last=fast, fold_bn=fast)
     times = {"load": 0.0, "inference": 0.0, "metrics": 0.0}
-    from tqdm import tqdm
-
     start = time.perf_counter()
     bar = tqdm(total=len(indices), desc="eval" if world == 1 else f"eval rank {rank}", unit="img",
                disable=not progress or (rank != 0))

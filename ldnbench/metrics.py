@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ldnbench.data.labels import LabelSpace
 from ldnbench.errors import UserError
@@ -185,8 +186,6 @@ class SegMetrics:
 
         A no-op without an initialised process group. Every rank must call it.
         """
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return self
         device = self.confusion.device

@@ -24,12 +24,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from ldnbench.checkpoints import CheckpointMeta
 from ldnbench.data.labels import IGNORE, LabelSpace
 from ldnbench.data.transforms import IMAGENET, Normalization
 from ldnbench.errors import UserError
+from ldnbench.fileio import atomic_write
 
 FORMATS = ("labelIds", "trainIds", "color", "overlay")
 #: Datasets whose label files hold Cityscapes label ids (so labelIds predictions are their encoding).
@@ -76,10 +79,6 @@ def encode(pred: np.ndarray, space: LabelSpace, fmt: str, image: np.ndarray | No
 
 def write_png(path: Path, array: np.ndarray) -> Path:
     """Atomic PNG write (a killed run never leaves a truncated file that a resume would skip)."""
-    from PIL import Image
-
-    from ldnbench.fileio import atomic_write
-
     return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
@@ -152,8 +151,6 @@ def predict_images(model: nn.Module, items: Sequence[Item], out: str | Path, *, 
     destination). ``resize``: the image is resized to that width (as ``Resized`` does) and the
     logits are upsampled to the original size before the argmax.
     """
-    from tqdm import tqdm
-
     from ldnbench.data.resize import check_width, resize_image
     from ldnbench.data.transforms import to_input
     from ldnbench.inference import predict, prepare_model
@@ -205,8 +202,8 @@ def run_predict(checkpoint: str | Path, out: str | Path, *, dataset: str | None 
     when the model's differs); with ``images`` in the model's. ``fmt`` defaults to labelIds
     where the dataset's labels are Cityscapes label ids, trainIds otherwise.
     """
-    from ldnbench.data.spaces import get_label_space, get_mapping
     from ldnbench.data.registry import get_dataset
+    from ldnbench.data.spaces import get_label_space, get_mapping
     from ldnbench.deploy import check_backend, deployed_model
     from ldnbench.runtime import Distributed, resolve_device
 

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ldnbench.errors import UserError
 from ldnbench.train_config import AMP_MODES
@@ -151,20 +152,14 @@ def amp_precision(amp: str) -> str:
 
 
 def is_distributed() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
 def get_rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if is_distributed() else 0
 
 
 def get_world_size() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -196,8 +191,6 @@ class Distributed:
         return self.rank == 0
 
     def __enter__(self) -> "Distributed":
-        import torch.distributed as dist
-
         self.local_rank = local_rank()
         if not is_distributed() and launched_world_size() > 1 and dist.is_available():
             name = str(self.device)
@@ -210,22 +203,16 @@ class Distributed:
         return self
 
     def __exit__(self, *exc) -> None:
-        import torch.distributed as dist
-
         if self.created and dist.is_initialized():
             dist.destroy_process_group()
         self.created = False
 
     def barrier(self) -> None:
-        import torch.distributed as dist
-
         if self.enabled:
             dist.barrier()
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the processes in place (no-op for one process)."""
-        import torch.distributed as dist
-
         if self.enabled:
             dist.all_reduce(tensor)
         return tensor

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ldnbench.data.base import SegDataset
 from ldnbench.data.labels import IGNORE, LabelSpace
@@ -231,8 +232,6 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
     errors: list[BaseException] = []
     stop = threading.Event()
     deltas: dict[int, list[torch.Tensor]] = {}
-
-    from tqdm import tqdm
 
     bar = tqdm(total=len(dataset.files), desc="score", unit="img", disable=not progress)
 

@@ -26,15 +26,25 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from ldnbench.checkpoints import CheckpointMeta, read_checkpoint, save_checkpoint
 from ldnbench.errors import UserError
+from ldnbench.fileio import atomic_write_text
 from ldnbench.losses import SegLoss
 from ldnbench.models.batchnorm import convert_sync_batchnorm, recompute_bn_stats
+from ldnbench.runtime import (
+    AMP_MODES,
+    Distributed,
+    amp_precision,
+    autocast,
+    default_workers,
+    resolve_amp,
+    resolve_device,
+)
 from ldnbench.train_config import TrainConfig
-from ldnbench.runtime import (AMP_MODES, Distributed, amp_precision, autocast, default_workers, resolve_amp,
-                              resolve_device)
 
 #: Iteration key of the pass that recomputes BatchNorm statistics (its crops differ from every epoch's).
 _BN_EPOCH_KEY = 2**31 - 1
@@ -284,8 +294,6 @@ def _image_sizes(train_set, limit: int = 64) -> list[tuple[int, int]]:
     idx = sorted({int(round(x)) for x in np.linspace(0, n - 1, min(limit, n))})
     files = getattr(train_set, "files", None)
     if files is not None and len(files) == n and all(getattr(files[i], "image", None) for i in idx):
-        from PIL import Image
-
         sizes = []
         for i in idx:
             with Image.open(files[i].image) as im:
@@ -450,8 +458,6 @@ class _Run:
 
     def _log(self, msg: str) -> None:
         if self.is_main:
-            from tqdm import tqdm
-
             tqdm.write(msg)
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -535,7 +541,6 @@ class _Run:
         if not self.is_main:
             return
         from ldnbench.report.curves import history_frame, training_curves
-        from ldnbench.fileio import atomic_write_text
 
         atomic_write_text(self.out / "history.csv", history_frame(self.p.history).to_csv(index=False, float_format="%.10g"))
         training_curves(self.p.history, self.p.final_metrics, self.out / "curves.png",
@@ -615,8 +620,6 @@ class _Run:
                            self.p.best["miou"] if self.p.best else None, self.p.history, self.d.rank)
 
     def _train_epoch(self, loader) -> None:
-        from tqdm import tqdm
-
         cfg = self.cfg
         self.net.train()
         self.sampler.set_epoch(self.p.epoch, self.p.step)

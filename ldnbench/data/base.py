@@ -19,6 +19,7 @@ import numpy as np
 import torch.utils.data
 
 from ldnbench.data.labels import LabelSpace
+from ldnbench.errors import UserError
 
 
 @dataclass
@@ -71,8 +72,6 @@ class SegDataset(torch.utils.data.Dataset):
 
     def labelled_files(self, i: int) -> SampleFiles:
         """The files of sample ``i``, which must have a label (test splits often have none)."""
-        from ldnbench.errors import UserError
-
         f = self.files[i]
         if f.label is None:
             raise UserError(f"{self.name} sample {f.id} has no label file; use a split with labels")

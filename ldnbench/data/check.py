@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ldnbench.data.registry import DATASETS, default_root, get_dataset
 from ldnbench.errors import UserError
@@ -106,8 +107,6 @@ def check_dataset(name: str, root: str | Path | None = None, split: str | None =
     Raises UserError (what was expected, what was found) when no split can be opened, or when the
     requested ``split`` cannot.
     """
-    from tqdm import tqdm
-
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}", 2)
     cls = DATASETS[name]

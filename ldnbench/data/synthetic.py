@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldnbench.errors import UserError
+
 
 def _save(path: Path, array: np.ndarray, palette: np.ndarray | None = None, **kw) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,8 +326,6 @@ def generate(root: str | Path = "datasets/synthetic", size: tuple[int, int] = (1
     A folder is only overwritten when an earlier ``generate`` wrote it. Returns image counts.
     """
     import shutil
-
-    from ldnbench.errors import UserError
 
     root = Path(root)
     w0, h0 = size

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from ldnbench.errors import UserError
+
 # torchvision's ImageNet statistics: the backbones are torchvision models.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -87,8 +89,6 @@ class TrainTransform:
     def __call__(self, sample, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
-
-        from ldnbench.errors import UserError
 
         def rand() -> float:
             return torch.rand((), generator=generator).item()

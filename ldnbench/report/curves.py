@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from ldnbench.fileio import atomic_write
+
 HISTORY_COLUMNS = ["epoch", "iterations", "loss", "loss_main", "loss_aux", "lr", "time_s", "images_per_s", "val_miou"]
 
 
@@ -23,8 +25,6 @@ def training_curves(history: Sequence[dict[str, Any]], final: dict[str, Any] | N
     validation, after the BatchNorm recomputation, as a star). Written atomically as PNG."""
     import seaborn as sns
     from matplotlib.figure import Figure
-
-    from ldnbench.fileio import atomic_write
 
     df = history_frame(history)
     fig = Figure(figsize=(11, 3.2))

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ldnbench.errors import UserError
+from ldnbench.fileio import atomic_write
 
 
 def pick(rows: Sequence[dict[str, Any]], n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -53,8 +54,6 @@ def draw_gallery(record: str | Path | dict, dataset, pred_dir: str | Path, out: 
     """Write the gallery PNG ``out`` for ``record``'s per-image rows; ``dataset`` gives images and labels,
     ``pred_dir`` holds ``<sample id>.png`` predictions in ``pred_format``. Returns ``out``."""
     from matplotlib.figure import Figure
-
-    from ldnbench.fileio import atomic_write
 
     rec = read_per_image(record)
     chosen = pick(rec["per_image"], n)

@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ldnbench.errors import UserError
 from ldnbench.checkpoints import load_checkpoint
+from ldnbench.errors import UserError
+from ldnbench.fileio import atomic_write_text
 from ldnbench.studies.common import EvaluateFn, default_evaluate, model_mapping
 
 #: TrainConfig fields that do not change the trained weights (left out of the configuration hash).
@@ -275,9 +276,8 @@ class _Study:
         return rec if ok and rec["metrics"].get("miou") is not None else None
 
     def evaluate_cell(self, train: str, h: str, ckpt: Path, ev: str, model_cache: dict) -> dict:
-        from ldnbench.report.records import make_record, write_record
-
         from ldnbench.data.resize import apply_resize
+        from ldnbench.report.records import make_record, write_record
 
         dataset = self.open_dataset(ev, self.cfg.eval_split)
         if self.cfg.eval_limit is not None and self.cfg.eval_limit < len(dataset):
@@ -354,7 +354,6 @@ class _Study:
         return res
 
     def save(self, res: CrossResult) -> list[Path]:
-        from ldnbench.fileio import atomic_write_text
         from ldnbench.report import figures as F
         from ldnbench.report.records import make_record, write_record
 

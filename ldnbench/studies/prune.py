@@ -20,9 +20,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ldnbench.errors import UserError
 from ldnbench.checkpoints import CheckpointMeta, load_checkpoint
 from ldnbench.data.base import dataset_label_space
+from ldnbench.errors import UserError
+from ldnbench.fileio import atomic_write_text
 from ldnbench.studies.common import EvaluateFn, default_evaluate, model_mapping
 
 DEFAULT_FRACTIONS = tuple(round(i / 10, 1) for i in range(11))
@@ -208,7 +209,6 @@ def run_prune(cfg: PruneConfig, *, evaluate_fn: EvaluateFn | None = None, model:
               command: list[str] | None = None) -> PruneResult:
     """Run the study, write ``<out>/prune-<model>-<dataset>-<id>/{prune.csv,result.json,*.png,*.pdf}``."""
     from ldnbench.data.registry import get_dataset
-    from ldnbench.fileio import atomic_write_text
     from ldnbench.report import figures as F
     from ldnbench.report.records import make_record, write_record
 
