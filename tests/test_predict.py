@@ -94,8 +94,8 @@ def _manual(model, ds, width, eval_at):
         if eval_at == "resized":
             m.update(predict(net, x[0]), resize_map(s.label, width), resize_map(s.instances, width))
         else:
-            with torch.inference_mode():
-                logits = net(x)
+            with torch.inference_mode():  # channels-last input, as predict() feeds it: the same kernels
+                logits = net(x.contiguous(memory_format=torch.channels_last))
             up = torch.nn.functional.interpolate(logits, size=s.label.shape, mode="bilinear", align_corners=False)
             m.update(up.argmax(1)[0].to(torch.uint8), s.label, s.instances)
     return m.compute()
