@@ -23,7 +23,7 @@ place where an ignored *prediction* id matters is category iIoU: predicting ``ca
 prediction codes ``K, K+1, ...`` (after the K classes) are void predictions that belong to the
 given categories (``ldnbench score`` uses them for Cityscapes label-id PNGs).
 
-The update is a few vectorised passes on whatever device the tensors live on: a histogram of
+On the CPU the update is two compiled loops over the pixels (numba, GIL released); on other devices it is a few vectorised passes: a histogram of
 ``lane*65536 + gt*256 + pred`` (four interleaved lanes, so that runs of one label do not serialise
 on one counter) folded into the confusion matrix by a lookup table, and, for iIoU, a histogram of
 ``flag*n + instance`` over the row segments that hold objects. Numpy arrays are wrapped without
@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -309,6 +310,63 @@ class SegMetrics:
                                 f"{tuple(target.shape)}")
             inst = inst.reshape(n_img, h, w)
         self._to(dev)
+        if dev.type == "cpu":
+            counts, sums = self._count_cpu(g, p, inst, valid_pred)
+        else:
+            counts, sums = self._count_torch(g, p, inst, valid_pred)
+        # only now: a refused update leaves the state untouched
+        self.confusion += counts[:-1].view(k + 1, self._cols)
+        self.num_images += n_img
+        if self._inst_classes and inst is None:
+            self.images_without_instances += n_img
+        for delta in sums:
+            for mine, d in zip((self.inst_tp, self.inst_fn, self.cat_tp, self.cat_fn), delta):
+                mine += d
+
+    def _count_cpu(self, g: torch.Tensor, p: torch.Tensor, inst: torch.Tensor | None,
+                   valid_pred: str) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """:meth:`_count_torch` for CPU tensors in compiled loops: one pass over the pixels for the
+        confusion matrix, one per image for the instances, the GIL released throughout (``score``
+        runs it in parallel threads). Same counts and, summed in the same order, the same floats."""
+        cell, flag, avg, cls_of, cat_of, keep_of = self._cpu_tables()
+        g_np, p_np = g.numpy(), p.numpy()
+        counts = torch.from_numpy(_pixel_counts(g_np, p_np, cell, (self.num_classes + 1) * self._cols + 1))
+        if counts[-1] > 0:
+            self._raise_invalid(g, p, valid_pred)
+        sums = []
+        r_count, ncat = len(self._inst_classes), len(self.space.categories)
+        for b, ids in enumerate(inst if inst is not None else ()):
+            ids = ids.reshape(-1).numpy()
+            img = slice(b * ids.size, (b + 1) * ids.size)
+            lo, hi = _id_range(ids)
+            if lo < 0:
+                raise UserError("instance maps must not hold negative ids (0 = no instance)")
+            if hi <= 0:
+                continue
+            if (hi - lo + 1) * 3 * r_count > _MAX_DIRECT_INSTANCE_BINS:
+                uniq, ids = np.unique(ids, return_inverse=True)  # slow, but bounded memory
+                ids = ids.astype(np.int64) + (uniq[0] != 0)    # keep 0 for "no instance"
+                lo, hi = _id_range(ids)
+            hist = _instance_counts(g_np[img], p_np[img], ids, flag, 3 * r_count, lo, hi - lo + 1)
+            sums.append(tuple(torch.from_numpy(a) for a in _instance_sums_np(
+                hist.reshape(r_count, 3, -1), avg, cls_of, cat_of, keep_of, self.num_classes, ncat)))
+        return counts, sums
+
+    def _cpu_tables(self) -> tuple[np.ndarray, ...]:
+        """:meth:`_build_luts` and :meth:`_rank_tables` as compact numpy arrays for the compiled loops."""
+        if "cpu-np" not in self._luts:
+            cell, flag = self._build_luts(torch.device("cpu"))
+            ranks = self._rank_tables(torch.device("cpu"))
+            self._luts["cpu-np"] = (cell.numpy().astype(np.int32), flag[: 1 << 16].numpy().astype(np.int8),
+                                    ranks[0].numpy(), ranks[1].numpy().astype(np.int64),
+                                    ranks[2].numpy().astype(np.int64), ranks[3].numpy())
+        return self._luts["cpu-np"]
+
+    def _count_torch(self, g: torch.Tensor, p: torch.Tensor, inst: torch.Tensor | None,
+                     valid_pred: str) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """Confusion counts (cells + sentinel) and per-image instance sums, in vectorised torch ops
+        on the tensors' device (the path for accelerators)."""
+        dev, k = g.device, self.num_classes
         cell_lut, row_lut = self._build_luts(dev)
         # lane*65536 + gt*256 + pred for every pixel. Label maps come in long runs of one value, and
         # a serial histogram of runs stalls on its own counter; four lanes (summed afterwards) make
@@ -323,19 +381,13 @@ class SegMetrics:
         if counts[-1] > 0:
             self._raise_invalid(g, p, valid_pred)
         sums = []
-        for b in range(n_img if inst is not None else 0):  # instance ids are per image
+        n_img, h, w = inst.shape if inst is not None else (0, 0, 0)
+        for b in range(n_img):  # instance ids are per image
             img = slice(b * h * w, (b + 1) * h * w)
             hist2, n, none = self._instance_hist(inst[b], code[img], scratch[img], row_lut)
             if hist2 is not None:
                 sums.append(self._instance_sums(hist2, n, none))
-        # only now: a refused update leaves the state untouched
-        self.confusion += counts[:-1].view(k + 1, self._cols)
-        self.num_images += n_img
-        if self._inst_classes and inst is None:
-            self.images_without_instances += n_img
-        for delta in sums:
-            for mine, d in zip((self.inst_tp, self.inst_fn, self.cat_tp, self.cat_fn), delta):
-                mine += d
+        return counts, sums
 
     def _instance_hist(self, ids: torch.Tensor, code: torch.Tensor, scratch: torch.Tensor,
                        row_lut: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
@@ -498,3 +550,63 @@ class SegMetrics:
     @staticmethod
     def _ratio(num: float, den: float) -> float:
         return float(num) / float(den) if den > 0 else float("nan")
+
+
+# ---------------------------------------------------------------- compiled CPU loops
+# Label maps come in long runs of one value: a histogram that counts neighbouring pixels into one
+# counter stalls on that counter, so pixels count into _LANES interleaved histograms, summed at the end.
+
+@numba.njit(nogil=True, cache=True)
+def _pixel_counts(g, p, cell, n_cells):  # pragma: no cover - compiled
+    hist = np.zeros((_LANES, n_cells), np.int64)
+    for i in range(g.size):
+        hist[i & (_LANES - 1), cell[(np.int64(g[i]) << 8) | np.int64(p[i])]] += 1
+    return hist.sum(0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _id_range(ids):  # pragma: no cover - compiled
+    """(smallest id > 0, largest id); (-1, 0) if any id is negative."""
+    big = np.iinfo(np.int64).max
+    lo, hi, low = big, np.int64(0), np.int64(0)
+    for i in range(ids.size):  # branch-free, so that it vectorises
+        v = np.int64(ids[i])
+        hi = max(hi, v)
+        low = min(low, v)
+        lo = min(lo, v if v > 0 else big)
+    if low < 0:
+        return np.int64(-1), np.int64(0)
+    return lo, hi
+
+
+@numba.njit(nogil=True, cache=True)
+def _instance_counts(g, p, ids, flag, n_flags, lo, n_ids):  # pragma: no cover - compiled
+    """Pixels per (flag - 1, id - lo) over the pixels with an instance of an instance class."""
+    hist = np.zeros((n_flags, n_ids), np.int64)
+    for i in range(ids.size):
+        v = np.int64(ids[i])
+        if v > 0:
+            f = flag[(np.int64(g[i]) << 8) | np.int64(p[i])]
+            if f > 0:
+                hist[f - 1, v - lo] += 1
+    return hist
+
+
+@numba.njit(nogil=True, cache=True)
+def _instance_sums_np(hist, avg, cls_of, cat_of, keep_of, k, ncat):  # pragma: no cover - compiled
+    """``SegMetrics._instance_sums`` with the same operations in the same order (rank, then instance)."""
+    inst_tp, inst_fn = np.zeros(k), np.zeros(k)
+    cat_tp, cat_fn = np.zeros(ncat), np.zeros(ncat)
+    for r in range(hist.shape[0]):
+        for j in range(hist.shape[2]):
+            wrong, cat_only, right = float(hist[r, 0, j]), float(hist[r, 1, j]), float(hist[r, 2, j])
+            size = wrong + cat_only + right
+            if size == 0:
+                continue
+            w = avg[r] / size
+            inst_tp[cls_of[r]] += right * w
+            inst_fn[cls_of[r]] += (size - right) * w
+            if keep_of[r]:
+                cat_tp[cat_of[r]] += (cat_only + right) * w
+                cat_fn[cat_of[r]] += (size - (cat_only + right)) * w
+    return inst_tp, inst_fn, cat_tp, cat_fn

@@ -222,3 +222,46 @@ def test_refused_large_update_leaves_the_state_untouched():
     for a, b in zip(state, _state(m)):
         np.testing.assert_array_equal(a, b)
     assert m.num_images == 1
+
+
+def _street_like(rng, n, h, w, k, ids_hi):
+    """Runs of labels (as label maps have), ignore pixels, instances with ids up to ``ids_hi``."""
+    blocks = rng.integers(0, k, size=(n, h // 4, w // 4)).repeat(4, 1).repeat(4, 2)
+    gt = np.where(rng.random(blocks.shape) < 0.05, 255, blocks).astype(np.uint8)
+    pred = np.where(rng.random(gt.shape) < 0.3, rng.integers(0, k, gt.shape), gt).astype(np.uint8)
+    inst = np.where(rng.random(gt.shape) < 0.5, rng.integers(1, ids_hi, gt.shape), 0).astype(np.int64)
+    return pred, gt, inst
+
+
+@pytest.mark.parametrize("ids_hi", [40, 34000, 1 << 40])  # small, Cityscapes-like, beyond the direct histogram
+def test_compiled_cpu_loops_equal_the_torch_ops_bit_for_bit(ids_hi):
+    space = get_label_space("cityscapes19")
+    rng = np.random.default_rng(ids_hi % 1000)
+    pred, gt, inst = _street_like(rng, 2, 32, 48, space.num_classes, ids_hi)
+    lut = np.full(256, -1, np.int64)
+    lut[: space.num_classes], lut[255], lut[200] = np.arange(space.num_classes), 255, space.num_classes  # one extra code
+    pred[0, :2] = 200
+    results = []
+    for path in ("_count_cpu", "_count_torch"):
+        m = SegMetrics(space, extra_pred_categories=(space.categories.index("vehicle"),), pred_lut=lut)
+        m._count_cpu = getattr(m, path)  # the CPU dispatch, pointed at one path or the other
+        for b in range(2):
+            m.update(pred[b], gt[b], inst[b])
+        m.update(pred, gt, inst)  # a batch
+        results.append(m)
+    cpu, ref = results
+    assert cpu.confusion.sum() == 4 * gt[0].size
+    assert (cpu.inst_tp > 0).any() and (cpu.cat_tp > 0).any()
+    for a, b in zip(cpu._state(), ref._state()):
+        assert torch.equal(a, b)
+
+
+def test_compiled_cpu_loops_refuse_what_the_torch_ops_refuse():
+    space = get_label_space("cityscapes19")
+    m = SegMetrics(space)
+    gt = np.zeros((4, 4), np.uint8)
+    with pytest.raises(UserError, match="negative"):
+        m.update(gt, gt, np.full((4, 4), -3))
+    with pytest.raises(UserError, match="prediction has values 77"):
+        m.update(np.full((4, 4), 77, np.uint8), gt)
+    assert m.num_images == 0 and m.confusion.sum() == 0

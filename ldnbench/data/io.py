@@ -33,9 +33,12 @@ def read_label(path: str | Path) -> np.ndarray:
     return t[0].numpy()
 
 
-def read_png16(path: str | Path) -> np.ndarray:
-    """HxW int32 of a 16-bit (or 8-bit) single-channel PNG, e.g. Cityscapes/KITTI/Vistas instance maps."""
+def read_png16(path: str | Path, dtype=np.int32) -> np.ndarray:
+    """HxW array of a 16-bit (or 8-bit) single-channel PNG, e.g. Cityscapes/KITTI/Vistas instance maps:
+    int32 by default, or ``np.uint16`` as decoded (no conversion pass)."""
     t = _decode(Path(path), ImageReadMode.UNCHANGED)
     if t.shape[0] != 1:
         raise UserError(f"instance file {path} has {t.shape[0]} channels; expected one 16-bit channel")
+    if dtype == np.uint16:
+        return t[0].numpy() if t.dtype == torch.uint16 else t[0].to(torch.uint16).numpy()
     return t[0].to(torch.int32).numpy()
