@@ -23,10 +23,11 @@ place where an ignored *prediction* id matters is category iIoU: predicting ``ca
 prediction codes ``K, K+1, ...`` (after the K classes) are void predictions that belong to the
 given categories (``ldnbench score`` uses them for Cityscapes label-id PNGs).
 
-On the CPU the update is two compiled loops over the pixels (numba, GIL released); on other devices it is a few vectorised passes: a histogram of
-``lane*65536 + gt*256 + pred`` (four interleaved lanes, so that runs of one label do not serialise
-on one counter) folded into the confusion matrix by a lookup table, and, for iIoU, a histogram of
-``flag*n + instance`` over the row segments that hold objects. Numpy arrays are wrapped without
+On the CPU the update is two compiled loops over the pixels (numba, GIL released). On other
+devices it is a few vectorised passes: a histogram of ``lane*65536 + gt*256 + pred`` (four
+interleaved lanes, so that runs of one label do not serialise on one counter) folded into the
+confusion matrix by a lookup table, and, for iIoU, a histogram of ``flag*n + instance`` over the
+row segments that hold objects. Numpy arrays are wrapped without
 copying; per-pixel scratch buffers are reused across updates.
 """
 
@@ -150,6 +151,7 @@ class SegMetrics:
         self._luts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ranks: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._np_tables: tuple[np.ndarray, ...] | None = None  # the CPU loops' tables
         self.reset()
 
     # ---------------------------------------------------------------- state
@@ -354,13 +356,13 @@ class SegMetrics:
 
     def _cpu_tables(self) -> tuple[np.ndarray, ...]:
         """:meth:`_build_luts` and :meth:`_rank_tables` as compact numpy arrays for the compiled loops."""
-        if "cpu-np" not in self._luts:
+        if self._np_tables is None:
             cell, flag = self._build_luts(torch.device("cpu"))
-            ranks = self._rank_tables(torch.device("cpu"))
-            self._luts["cpu-np"] = (cell.numpy().astype(np.int32), flag[: 1 << 16].numpy().astype(np.int8),
-                                    ranks[0].numpy(), ranks[1].numpy().astype(np.int64),
-                                    ranks[2].numpy().astype(np.int64), ranks[3].numpy())
-        return self._luts["cpu-np"]
+            avg, cls_of, cat_of, keep_of = self._rank_tables(torch.device("cpu"))
+            self._np_tables = (cell.numpy().astype(np.int32), flag[: 1 << 16].numpy().astype(np.int8),
+                               avg.numpy(), cls_of.numpy().astype(np.int64), cat_of.numpy().astype(np.int64),
+                               keep_of.numpy())
+        return self._np_tables
 
     def _count_torch(self, g: torch.Tensor, p: torch.Tensor, inst: torch.Tensor | None,
                      valid_pred: str) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
