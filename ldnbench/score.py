@@ -2,7 +2,8 @@
 
 Predictions are found the way cityscapesScripts finds them: anywhere below the prediction folder,
 a ``*.png`` whose name starts with the sample id (Cityscapes: ``city_seq_frame``) belongs to that
-sample. Works for any adapter: it needs only ``dataset.files`` (ids) and ``dataset.load_target``.
+sample. Works for any adapter: it needs only ``dataset.files`` (ids) and ``dataset.load_target``
+(or, faster, ``load_target_combined``: Cityscapes' instanceIds map, scored in one pass).
 Sizes are checked from the PNG headers before any decoding, so a wrong file fails in seconds.
 """
 
@@ -134,13 +135,14 @@ def _decode_pred(path: Path) -> torch.Tensor:
 _FLOAT_STATE = ("inst_tp", "inst_fn", "cat_tp", "cat_fn")
 
 
-def _image_update(acc: SegMetrics, pred, label, inst) -> list[torch.Tensor]:
-    """Update ``acc`` with one image; its float state is left as it was and the image's share returned."""
+def _image_update(acc: SegMetrics, update) -> list[torch.Tensor]:
+    """Run ``update()`` (one image into ``acc``); ``acc``'s float state is left as it was and the image's
+    share returned."""
     saved = [getattr(acc, n) for n in _FLOAT_STATE]
     for n, t in zip(_FLOAT_STATE, saved):
         setattr(acc, n, torch.zeros_like(t))
     try:
-        acc.update(pred, label, inst)
+        update()
         return [getattr(acc, n) for n in _FLOAT_STATE]
     finally:
         for n, t in zip(_FLOAT_STATE, saved):
@@ -227,6 +229,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
     n_workers = max(1, min(workers, len(dataset.files)))
     # Cityscapes: labels derived from the instanceIds PNG, one ground-truth decode instead of two
     load_target = getattr(dataset, "load_target_fast", dataset.load_target)
+    combined_targets = hasattr(dataset, "load_target_combined")
     accs = [SegMetrics(space, extra_pred_categories=fmt.extra_pred_categories, pred_lut=fmt.lut,
                        pred_desc=fmt.describe) for _ in range(n_workers)]
     errors: list[BaseException] = []
@@ -252,10 +255,18 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
                         raise UserError(f"prediction {path} has values {', '.join(map(str, bad))} outside "
                                         f"{fmt.describe}; check --pred-format")
                     pred = pred.to(torch.uint8)
-                label, inst = load_target(i)
+                combined = dataset.load_target_combined(i) if combined_targets else None
+                if combined is not None:  # one pass over the undivided ground-truth map
+                    update = lambda: acc.update_combined(pred, combined.values, combined.class_of,  # noqa: E731
+                                                         combined.instance_from, what=combined.source)
+                else:
+                    target = load_target(i)
+                    update = lambda: acc.update(pred, *target)  # noqa: E731
                 try:
-                    deltas[i] = _image_update(acc, pred, label, inst)  # translates the format in its lookup table
+                    deltas[i] = _image_update(acc, update)  # translates the format in its lookup table
                 except UserError as e:
+                    if combined is not None and str(e).startswith(combined.source):
+                        raise  # the ground truth's fault, not the prediction's
                     raise UserError(f"{path}: {e}; check --pred-format") from None
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)

@@ -40,6 +40,18 @@ class SampleFiles:
     instances: Path | None = None
 
 
+@dataclass(frozen=True)
+class CombinedTarget:
+    """Ground truth as one map whose values encode class and instance (Cityscapes instanceIds), for
+    :meth:`ldnbench.metrics.SegMetrics.update_combined`: the class of value ``v`` is ``class_of[v]``
+    (-1 = invalid) and ``v`` is an instance from ``instance_from`` on."""
+
+    values: np.ndarray      #: HxW uint16
+    class_of: np.ndarray    #: 65536 entries: class index, ignore index or -1
+    instance_from: int
+    source: str             #: what ``values`` came from, for errors
+
+
 class SegDataset(torch.utils.data.Dataset):
     """Base class of the dataset adapters.
 
@@ -80,6 +92,11 @@ class SegDataset(torch.utils.data.Dataset):
     def load_target(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(label HxW uint8 in ``label_space``, instances HxW int32 or None) of sample ``i``."""
         raise NotImplementedError
+
+    def load_target_combined(self, i: int) -> CombinedTarget | None:
+        """Sample ``i``'s target as one combined map if the adapter's format has one (``score``'s
+        fastest path), else None."""
+        return None
 
     def __getitem__(self, i: int) -> Sample:
         label, instances = self.load_target(i)

@@ -7,7 +7,8 @@ from cityscapesscripts' ``labels``; ``*_gtFine_labelTrainIds.png`` (made by
 
 The label ids follow exactly from the instanceIds (a value below 1000 is the label id, else
 ``value // 1000``), so :meth:`Cityscapes.load_target_fast` (what ``score`` uses) decodes only the
-16-bit instanceIds PNG: one decode instead of two, identical labels for Cityscapes' own ground truth.
+16-bit instanceIds PNG: one decode instead of two, identical labels for Cityscapes' own ground truth;
+:meth:`Cityscapes.load_target_combined` hands that map over undivided, for a single pass of the metrics.
 :meth:`Cityscapes.load_target` (training, ``eval``, ``datasets check``) still reads the labelIds file.
 """
 
@@ -20,7 +21,7 @@ import numba
 import numpy as np
 
 from ldnbench.data.layout import index, lut, not_found, pair, remap, require_paired
-from ldnbench.data.base import SegDataset
+from ldnbench.data.base import CombinedTarget, SegDataset
 from ldnbench.data.io import read_label, read_png16
 from ldnbench.data.labels import IGNORE, cityscapes19
 from ldnbench.errors import UserError
@@ -132,6 +133,15 @@ class Cityscapes(SegDataset):
         f = self.labelled_files(i)
         inst = decode_instanceids(f.instances) if f.instances is not None else None
         return decode_label(f.label), inst
+
+    def load_target_combined(self, i: int) -> CombinedTarget | None:
+        """The instanceIds PNG as decoded, with the table from its values to train ids, when the labels are
+        labelIds (what :meth:`load_target_fast` derives, without splitting the map into two)."""
+        f = self.labelled_files(i)
+        if f.instances is None or not f.label.name.endswith(LABEL_SUFFIX):
+            return None
+        return CombinedTarget(read_png16(f.instances, np.uint16), instanceid_to_trainid(), 1000,
+                              f"instance file {f.instances} (label id = value below 1000, else value // 1000)")
 
     def load_target_fast(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`load_target` from the instanceIds PNG alone when the labels are labelIds (the labelIds file

@@ -148,6 +148,14 @@ class Resized(torch.utils.data.Dataset):
         """The adapter's cheapest way to the same target (``score``'s), resized like :meth:`load_target`."""
         return self._target(*getattr(self.dataset, "load_target_fast", self.dataset.load_target)(i))
 
+    def load_target_combined(self, i: int):
+        """The adapter's combined map (see ``SegDataset.load_target_combined``), resized like :meth:`load_target`:
+        nearest neighbour picks the same pixel for the label and the instance, so resizing the map is the same."""
+        combined = getattr(self.dataset, "load_target_combined", lambda i: None)(i)
+        if combined is None or not self.resize_targets:
+            return combined
+        return replace(combined, values=resize_map(combined.values, self.width))
+
     def _target(self, label: np.ndarray, inst: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         if not self.resize_targets:
             return label, inst
