@@ -265,3 +265,111 @@ def test_compiled_cpu_loops_refuse_what_the_torch_ops_refuse():
     with pytest.raises(UserError, match="prediction has values 77"):
         m.update(np.full((4, 4), 77, np.uint8), gt)
     assert m.num_images == 0 and m.confusion.sum() == 0
+
+
+# ------------------------------------------------------------------ one combined ground-truth map
+
+
+def _combined_frames(rng, n, h, w, noisy):
+    """Cityscapes-encoded instanceIds maps (label id below 1000, else label id * 1000 + k) and label-id
+    predictions: street-like runs, or per-pixel noise (runs of length one)."""
+    from ldnbench.data.cityscapes import labelid_to_trainid
+
+    ids = np.flatnonzero(labelid_to_trainid() >= 0)  # every label id with a train id or ignore
+    things = [24, 25, 26, 27, 28, 31, 32, 33]
+    frames = []
+    for b in range(n):
+        v = rng.choice(ids, size=(h // 4, w // 4)).repeat(4, 0).repeat(4, 1).astype(np.uint16)
+        if b < n - 1:  # the last frame has no instance at all
+            for k in range(8):
+                y, x = rng.integers(0, h - 5), rng.integers(0, w - 5)
+                v[y:y + 5, x:x + 4] = rng.choice(things) * 1000 + k
+            v[:2, :3] = 26  # a car pixel outside any instance (instance id below 1000)
+        gt_ids = np.where(v < 1000, v, v // 1000)
+        wrong = rng.choice(ids, size=v.shape)
+        p = np.where(rng.random(v.shape) < (0.6 if noisy else 0.1), wrong, gt_ids).astype(np.uint8)
+        frames.append((v, p))
+    return frames
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_update_combined_equals_the_split_maps_bit_for_bit(noisy):
+    from ldnbench.data.cityscapes import instanceid_to_trainid, labelid_to_trainid
+
+    space = get_label_space("cityscapes19")
+    class_of = instanceid_to_trainid()
+    lut = np.full(256, -1, np.int64)  # label-id predictions, as score reads them
+    ids = labelid_to_trainid()
+    lut[: ids.size] = np.where(ids < 0, 255, ids)
+    rng = np.random.default_rng(int(noisy))
+    frames = _combined_frames(rng, 4, 40, 64, noisy)
+    results = []
+    for combined in (True, False):
+        m = SegMetrics(space, pred_lut=lut)
+        for v, p in frames:
+            if combined:
+                m.update_combined(p, v, class_of, 1000)
+            else:
+                m.update(p, class_of[v].astype(np.uint8), np.where(v >= 1000, v, 0).astype(np.int32))
+        results.append(m)
+    fast, ref = results
+    assert fast.num_images == ref.num_images == 4 and (fast.inst_tp > 0).any() and (fast.cat_tp > 0).any()
+    for a, b in zip(fast._state(), ref._state()):
+        assert torch.equal(a, b)
+    # the tensor route (what accelerators take) gives the same state as well
+    split = SegMetrics(space, pred_lut=lut)
+    for v, p in frames:
+        split._update_split(torch.from_numpy(p), torch.from_numpy(v.astype(np.int32)), class_of, 1000, "gt")
+    for a, b in zip(split._state(), ref._state()):
+        assert torch.equal(a, b)
+
+
+def test_update_combined_with_an_extra_prediction_category():
+    space = get_label_space("cityscapes19")
+    k = space.num_classes
+    lut = np.full(256, -1, np.int64)
+    lut[:k], lut[200] = np.arange(k), k  # code 200: an extra predicted category (vehicle)
+    class_of = np.full(1 << 16, -1, np.int64)
+    class_of[:k], class_of[255] = np.arange(k), 255
+    class_of[13000:13100] = 13  # car instances 13000..13099
+    rng = np.random.default_rng(3)
+    v = rng.integers(0, k, size=(24, 32)).astype(np.uint16)
+    v[4:12, 4:12], v[14:20, 10:30] = 13007, 13050
+    p = np.where(rng.random(v.shape) < 0.3, 200, class_of[v] % 256).astype(np.uint8)
+    p[p == 255] = 0
+    kw = dict(extra_pred_categories=(space.categories.index("vehicle"),), pred_lut=lut)
+    a, b = SegMetrics(space, **kw), SegMetrics(space, **kw)
+    a.update_combined(p, v, class_of, 1000)
+    b.update(p, class_of[v].astype(np.uint8), np.where(v >= 1000, v, 0))
+    for x, y in zip(a._state(), b._state()):
+        assert torch.equal(x, y)
+    assert (a.cat_tp > 0).any()
+
+
+def test_update_combined_refuses_bad_maps_and_leaves_the_state_untouched():
+    space = get_label_space("cityscapes19")
+    class_of = np.full(1 << 16, -1, np.int64)
+    class_of[:19], class_of[26000:27000] = np.arange(19), 13
+    m = SegMetrics(space)
+    v = np.zeros((6, 8), np.uint16)
+    v[2, 3], v[1, 1] = 26001, 40  # 40 maps to no class
+    p = np.zeros((6, 8), np.uint8)
+    with pytest.raises(UserError, match=r"^instance file x has values 40 that map to no class"):
+        m.update_combined(p, v, class_of, 1000, what="instance file x")
+    v[1, 1] = 0
+    p[0, 0] = 77
+    with pytest.raises(UserError, match="prediction has values 77"):
+        m.update_combined(p, v, class_of, 1000)
+    assert m.num_images == 0 and m.confusion.sum() == 0 and m.inst_tp.sum() == 0
+    with pytest.raises(UserError, match="differs from ground truth shape"):
+        m.update_combined(np.zeros((6, 7), np.uint8), v, class_of, 1000)
+    with pytest.raises(ValueError, match="65536"):
+        m.update_combined(p, v, class_of[:1000], 1000)
+    with pytest.raises(ValueError, match="instance_from"):
+        m.update_combined(p, v, class_of, 0)
+    with pytest.raises(TypeError, match="uint16"):
+        m.update_combined(p, v.astype(np.int32), class_of, 1000)
+    # after the refusals, a valid image still counts exactly once
+    p[0, 0] = 0
+    m.update_combined(p, v, class_of, 1000)
+    assert m.num_images == 1 and m.confusion.sum() == v.size

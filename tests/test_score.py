@@ -211,3 +211,52 @@ def test_instance_ids_with_an_undefined_label_id_are_refused(tmp_path):
                      np.full((8, 8), 7, np.uint8), inst)
     train, instances = decode_instanceids_with_labels(path)
     assert train[0, 0] == 13 and train[2, 2] == 0 and instances[0, 0] == 26001 and instances[2, 2] == 0
+
+
+def test_score_scores_the_undivided_instance_ids_map(tree, monkeypatch):
+    """score hands Cityscapes' instanceIds map to the metrics in one piece: same numbers as the split maps."""
+    import ldnbench.data.cityscapes as cs
+    from ldnbench.metrics import SegMetrics
+
+    root, pred_dir, _ = tree
+    ds = get_dataset("cityscapes", root, "val")
+    calls = []
+    real = SegMetrics.update_combined
+    monkeypatch.setattr(SegMetrics, "update_combined", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    combined = score_predictions(ds, pred_dir, workers=2, progress=False).metrics
+    assert len(calls) == len(SIDS)
+    monkeypatch.setattr(cs.Cityscapes, "load_target_combined", lambda self, i: None)
+    split = score_predictions(ds, pred_dir, workers=2, progress=False).metrics
+    assert len(calls) == len(SIDS)  # the second run took the split route
+    assert np.array_equal(combined.confusion, split.confusion) and combined.to_dict() == split.to_dict()
+
+
+def test_a_bad_instance_ids_file_is_blamed_not_the_prediction(tree):
+    root, pred_dir, frames = tree
+    sid = SIDS[1]
+    gt, inst, _ = frames[sid]
+    inst = inst.copy()
+    inst[3, 3] = 40  # no Cityscapes label id
+    path = next(root.glob(f"gtFine/val/*/{sid}_gtFine_instanceIds.png"))
+    Image.fromarray(inst.astype(np.uint16)).save(path)
+    ds = get_dataset("cityscapes", root, "val")
+    with pytest.raises(UserError) as e:
+        score_predictions(ds, pred_dir, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"instance file {path}") and "values 40" in msg and "--pred-format" not in msg
+
+
+def test_resized_combined_target_is_the_resized_split_target(tree):
+    from ldnbench.data.cityscapes import instanceid_to_trainid
+    from ldnbench.data.resize import Resized
+
+    root, _, _ = tree
+    ds = get_dataset("cityscapes", root, "val")
+    for eval_at, width in (("resized", 48), ("original", 48)):
+        r = Resized(ds, width, eval_at)
+        c = r.load_target_combined(0)
+        label, inst = r.load_target(0)
+        assert c.values.dtype == np.uint16 and c.values.shape == label.shape
+        assert np.array_equal(c.class_of[c.values], label)
+        assert np.array_equal(np.where(c.values >= c.instance_from, c.values, 0), inst)
+        assert np.array_equal(c.class_of, instanceid_to_trainid())
