@@ -149,7 +149,7 @@ def main() -> None:
         fmt = get_pred_format("labelIds", space)
         acc = SegMetrics(space, extra_pred_categories=fmt.extra_pred_categories, pred_lut=fmt.lut)
         preds = [_decode_pred(Path(p)) for p, _ in pairs]
-        targets = [ds.load_target(i) for i in range(len(frames))]
+        targets = [ds.load_target_combined(i) for i in range(len(frames))]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         from ldnbench.data.io import read_png16
@@ -157,9 +157,11 @@ def main() -> None:
         inst_files = [ds.files[i].instances for i in range(len(frames))]
         parts = [("decode the prediction PNG", per_frame(lambda i: _decode_pred(Path(pairs[i][0])), range(len(frames)))),
                  ("decode the instanceIds PNG", per_frame(lambda i: read_png16(inst_files[i], np.uint16), range(len(frames)))),
-                 ("adapter load_target_fast (instanceIds only + LUT)", per_frame(ds.load_target_fast, range(len(frames)))),
-                 ("SegMetrics.update (label-id prediction)",
-                  per_frame(lambda i: acc.update(preds[i], *targets[i]), range(len(frames))))]
+                 ("adapter load_target_combined (the instanceIds map, undivided)",
+                  per_frame(ds.load_target_combined, range(len(frames)))),
+                 ("SegMetrics.update_combined (label-id prediction, instanceIds map)",
+                  per_frame(lambda i: acc.update_combined(preds[i], targets[i].values, targets[i].class_of,
+                                                          targets[i].instance_from), range(len(frames))))]
         # what this machine's cores give for the decodes alone, in score's two threads
         import threading
 
