@@ -229,7 +229,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
     n_workers = max(1, min(workers, len(dataset.files)))
     # Cityscapes: labels derived from the instanceIds PNG, one ground-truth decode instead of two
     load_target = getattr(dataset, "load_target_fast", dataset.load_target)
-    combined_targets = hasattr(dataset, "load_target_combined")
+    load_combined = getattr(dataset, "load_target_combined", lambda i: None)  # SegDataset: None by default
     accs = [SegMetrics(space, extra_pred_categories=fmt.extra_pred_categories, pred_lut=fmt.lut,
                        pred_desc=fmt.describe) for _ in range(n_workers)]
     errors: list[BaseException] = []
@@ -255,7 +255,7 @@ def score_predictions(dataset: SegDataset, pred_dir: str | Path, *, pred_format:
                         raise UserError(f"prediction {path} has values {', '.join(map(str, bad))} outside "
                                         f"{fmt.describe}; check --pred-format")
                     pred = pred.to(torch.uint8)
-                combined = dataset.load_target_combined(i) if combined_targets else None
+                combined = load_combined(i)
                 if combined is not None:  # one pass over the undivided ground-truth map
                     update = lambda: acc.update_combined(pred, combined.values, combined.class_of,  # noqa: E731
                                                          combined.instance_from, what=combined.source)
