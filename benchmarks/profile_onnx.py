@@ -1,6 +1,6 @@
 """Where a zoo model's time goes under ONNX Runtime: kernel time per op type and per convolution shape.
 
-    python benchmarks/profile_onnx.py [--model ldn121] [--size 512x1024] [--runs 4] [--threads 2]
+    python benchmarks/profile_onnx.py [--model ldn121] [--size 512x1024] [--runs 4] [--threads 2] [--probe N]
 
 Exports the model (random weights, as ``ldnbench onnx`` does: RGB 0..255 in, logits out), runs it
 with ONNX Runtime's profiler on (all graph optimisations, so what is profiled is the optimised graph,
@@ -8,6 +8,11 @@ e.g. NCHWc convolutions with fused activations) and sums the kernel times over `
 one warm-up. Convolutions are grouped by weight shape; a ``C×1×1×1`` weight is a depthwise 1×1
 convolution, which is how ORT runs a BatchNormalization it could not fold. GFLOP/s per group =
 2 × MACs / kernel time, MACs from the profiled input and output shapes.
+
+ORT's profiler stretches small kernels, so ``--probe N`` also measures, without the profiler, what
+the BatchNorm+ReLU passes over concatenations cost: it times the graph and a copy of it with those
+passes cut out (a cost probe only: its labels are wrong) in N interleaved rounds, and prints both
+medians, i.e. the most that a kernel fusing them into the next convolution could save.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="convolution groups to list")
+    ap.add_argument("--probe", type=int, default=0, metavar="N",
+                    help="time the graph against a copy without BN+ReLU after Concat, N interleaved rounds")
     args = ap.parse_args()
     h, w = (int(v) for v in args.size.lower().split("x"))
 
@@ -55,6 +62,8 @@ def main() -> None:
             session.run(None, x)
         events = [e for e in json.loads(Path(session.end_profiling()).read_text())
                   if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+        del session
+        probe = probe_bn_cost(path, x, args.threads, args.probe) if args.probe else None
     per_run = len(events) // (args.runs + 1)
     events = events[per_run:]  # the warm-up's nodes come first
     by_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
@@ -85,6 +94,59 @@ def main() -> None:
     for key, (d, macs, n) in sorted(by_conv.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{key:<32}{d / args.runs / 1000:>9.1f}{100 * d / conv_total:>7.1f}%{n // args.runs:>7}"
               f"{2 * macs / d / 1e3:>9.1f}")
+    if probe:
+        (full, cut), n = probe
+        print(f"\nwithout the profiler, {args.probe} interleaved rounds: {full:.1f} ms median per run; with the {n} "
+              f"BatchNorm+ReLU passes after a Concat cut out {cut:.1f} ms ({100 * (full - cut) / full:.1f} % less)")
+
+
+def _without_bn_after_concat(path: Path, out: Path) -> int:
+    """Copy of the graph at ``path`` in which every BatchNormalization+Relu reading a Concat is bypassed."""
+    import onnx
+
+    model = onnx.load(str(path))
+    nodes = model.graph.node
+    producer = {o: n for n in nodes for o in n.output}
+    cut = []
+    for bn in nodes:
+        if bn.op_type != "BatchNormalization" or producer.get(bn.input[0], bn).op_type != "Concat":
+            continue
+        relus = [n for n in nodes if n.op_type == "Relu" and list(n.input) == [bn.output[0]]]
+        if len(relus) != 1 or sum(bn.output[0] in n.input for n in nodes) != 1:
+            continue
+        for n in nodes:
+            n.input[:] = [bn.input[0] if i == relus[0].output[0] else i for i in n.input]
+        cut += [bn, relus[0]]
+    for n in cut:
+        nodes.remove(n)
+    onnx.save(model, str(out))
+    return len(cut) // 2
+
+
+def probe_bn_cost(path: Path, x: dict, threads: int, rounds: int) -> tuple[tuple[float, float], int]:
+    """Median ms per run of the graph and of its copy without BN+ReLU after Concat, timed alternately."""
+    import time
+
+    import onnxruntime as ort
+
+    cut_path = path.with_name("cut.onnx")
+    n = _without_bn_after_concat(path, cut_path)
+    sessions = []
+    for p in (path, cut_path):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+        sessions.append(ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]))
+    times: list[list[float]] = [[], []]
+    for s in sessions:
+        s.run(None, x)
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            time.sleep(0.05)  # ORT's workers spin briefly after a run
+            t0 = time.perf_counter()
+            sessions[i].run(None, x)
+            times[i].append(time.perf_counter() - t0)
+    return (1000 * float(np.median(times[0])), 1000 * float(np.median(times[1]))), n
 
 
 if __name__ == "__main__":

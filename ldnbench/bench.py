@@ -539,6 +539,10 @@ class SpeedConfig:
     checkpoint: str | None = None
     #: runtimes timed for every model, in this order (``ldnbench.deploy.BACKENDS``)
     backends: tuple[str, ...] = ("torch",)
+    #: time every model x backend in rounds (one forward of each per round, order reversed every other
+    #: round), all of them in memory, so that the machine's drift hits all rows alike; False: one
+    #: row after the other, one model in memory at a time
+    interleave: bool = True
 
 
 @dataclass
@@ -586,22 +590,45 @@ def image_gmac(make: Callable[[], nn.Module], height: int, width: int) -> float:
     return count_macs(model, height, width).gmac
 
 
-def time_model(model: nn.Module, x: torch.Tensor, *, runs: int, warmup: int, device: str,
-               precision: str = "fp32") -> tuple[list[float], list[float]]:
-    """(wall-clock latencies, process CPU times) in seconds of ``runs`` forwards after ``warmup``
-    untimed ones, device-synchronised. CPU time (all threads) does not depend on other load."""
-    with torch.inference_mode(), autocast(precision, device):
-        for _ in range(warmup):
-            model(x)
+def time_calls(calls: list[Callable[[], Any]], *, runs: int, warmup: int, device: str, precision: str = "fp32",
+               interleave: bool = True, settle_s: float = 0.05) -> list[tuple[list[float], list[float]]]:
+    """(wall-clock latencies, process CPU times) in seconds of ``runs`` timed calls of each of ``calls``
+    after ``warmup`` untimed ones, device-synchronised. CPU time (all threads) does not depend on other load.
+
+    ``interleave``: time in rounds, one call of each per round and the order reversed every other round,
+    so that the machine's speed drifting over minutes (shared VMs) hits every call alike and their
+    ratios stay fair; otherwise each call's runs follow one another. Interleaved calls start after
+    ``settle_s`` idle seconds: ONNX Runtime's workers spin ~40 ms after a run, which would slow the
+    call that follows by as much.
+    """
+    out: list[tuple[list[float], list[float]]] = [([], []) for _ in calls]
+
+    def timed(i: int) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        calls[i]()
         _sync(device)
-        times, cpu = [], []
-        for _ in range(runs):
-            t0, c0 = time.perf_counter(), time.process_time()
-            model(x)
+        out[i][0].append(time.perf_counter() - t0)
+        out[i][1].append(time.process_time() - c0)
+
+    with torch.inference_mode(), autocast(precision, device):
+        order = list(range(len(calls)))
+        if interleave:
+            for i in order:
+                for _ in range(warmup):
+                    calls[i]()
             _sync(device)
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    return times, cpu
+            for r in range(runs):
+                for i in (order if r % 2 == 0 else order[::-1]):
+                    time.sleep(settle_s)
+                    timed(i)
+        else:
+            for i in order:
+                for _ in range(warmup):
+                    calls[i]()
+                _sync(device)
+                for _ in range(runs):
+                    timed(i)
+    return out
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -641,28 +668,52 @@ def _input(cfg: SpeedConfig) -> torch.Tensor:
     return torch.randn(cfg.batch_size, 3, h, w, generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def speed_row(name: str, model: nn.Module, cfg: SpeedConfig, device: str, gmac: float | None) -> SpeedRow:
-    """Time ``model`` on a random ``cfg.batch_size x 3 x H x W`` input; ``gmac`` is per image."""
-    x = _input(cfg).to(device)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    times, cpu = time_model(model, x, runs=cfg.runs, warmup=cfg.warmup, device=device, precision=cfg.precision)
-    return _row(name, cfg, times, cpu, gmac, sum(p.numel() for p in model.parameters()))
+@dataclass
+class _Timed:
+    """One row to time: a ready forward (exported and compiled already) and what its row reports."""
+
+    name: str
+    backend: str
+    call: Callable[[], Any]
+    gmac: float | None
+    params: int
+    folded_bn: int = 0
+    keep: Any = None  # what ``call`` needs alive (a DeployedModel and its export folder)
 
 
-def backend_speed_row(name: str, model: nn.Module, backend: str, cfg: SpeedConfig, device: str,
-                      gmac: float | None) -> SpeedRow:
-    """:func:`speed_row` for ``model`` exported and run by ``backend`` (same input, warm-up, runs; wall
-    and CPU time). The timed call is the deployment one: float RGB 0..255 in, logits in the runtime's
-    reused output buffer (an application reads them there; ``DeployedModel`` adds a copy), exported
-    and compiled before the warm-up."""
+def _timed(name: str, model: nn.Module, backend: str, cfg: SpeedConfig, device: str, gmac: float | None) -> _Timed:
+    """``model``'s forward on a random ``cfg.batch_size x 3 x H x W`` input as ``backend`` runs it.
+
+    torch: the model as ``eval`` prepares it. An ONNX runtime: the deployment call, float RGB 0..255
+    in, logits in the runtime's reused output buffer (an application reads them there;
+    ``DeployedModel`` adds a copy), exported and compiled here, before any warm-up.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    if backend == "torch":
+        net, folded = _prepare(model, cfg, device)
+        x = _input(cfg).to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return _Timed(name, backend, lambda: net(x), gmac, params, folded)
     from ldnbench.deploy import DeployedModel, to_raw
 
-    net = DeployedModel(model, backend, threads=cfg.threads, device=device)
-    raw = to_raw(_input(cfg), net.normalization)
-    runner = net.runner(tuple(raw.shape))
-    times, cpu = time_model(runner.infer, raw.numpy(), runs=cfg.runs, warmup=cfg.warmup, device="cpu")
-    return _row(name, cfg, times, cpu, gmac, sum(p.numel() for p in model.parameters()))
+    deployed = DeployedModel(model, backend, threads=cfg.threads, device=device)
+    raw = to_raw(_input(cfg), deployed.normalization).numpy()
+    runner = deployed.runner(tuple(raw.shape))
+    return _Timed(name, backend, lambda: runner.infer(raw), gmac, params, keep=deployed)
+
+
+def _timed_rows(timed: list[_Timed], cfg: SpeedConfig, device: str) -> list[SpeedRow]:
+    from ldnbench.deploy import backend_version
+
+    measured = time_calls([t.call for t in timed], runs=cfg.runs, warmup=cfg.warmup, device=device,
+                          precision=cfg.precision, interleave=cfg.interleave)
+    rows = []
+    for t, (times, cpu) in zip(timed, measured):
+        rows.append(_row(t.name, cfg, times, cpu, t.gmac, t.params))
+        rows[-1].folded_bn, rows[-1].backend = t.folded_bn, t.backend
+        rows[-1].backend_version = backend_version(t.backend)
+    return rows
 
 
 @dataclass
@@ -697,27 +748,32 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
     entries: list[tuple[str, Callable[[], nn.Module]]] = [
         (cfg.model, lambda: build_model(cfg.model, cfg.num_classes, **cfg.model_options))]
     entries += [(n, lambda n=n: build_compare_model(n, cfg.num_classes)) for n in compare]
-    from ldnbench.deploy import backend_version, check_backend
+    from ldnbench.deploy import check_backend
 
     for b in cfg.backends:  # a missing extra or a wrong device must fail before anything is timed
         check_backend(b, device, cfg.precision)
+    pending: list[_Timed] = []
     for i, (name, make) in enumerate(entries):
         gmac = image_gmac(make, *cfg.size)
         model = loaded if i == 0 and loaded is not None else make()
         for backend in cfg.backends:
             if progress:
-                progress(f"{name} [{backend}]: {cfg.warmup} warm-up + {cfg.runs} timed forwards of "
-                         f"{cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]} on {device} ...")
-            if backend == "torch":
-                net, folded = _prepare(model, cfg, device)
-                rows.append(speed_row(name, net, cfg, device, gmac))
-                rows[-1].folded_bn = folded
-                del net
-            else:
-                rows.append(backend_speed_row(name, model, backend, cfg, device, gmac))
-            rows[-1].backend, rows[-1].backend_version = backend, backend_version(backend)
-            gc.collect()
+                progress(f"{name} [{backend}]: " + ("exporting/preparing" if cfg.interleave else
+                         f"{cfg.warmup} warm-up + {cfg.runs} timed forwards of "
+                         f"{cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]} on {device}") + " ...")
+            pending.append(_timed(name, model, backend, cfg, device, gmac))
+            if not cfg.interleave:  # one row in memory at a time
+                rows += _timed_rows(pending, cfg, device)
+                pending.clear()
+                gc.collect()
         del model
+    if pending:
+        if progress:
+            progress(f"{cfg.warmup} warm-up + {cfg.runs} timed forwards of {cfg.batch_size}x3x{cfg.size[0]}x"
+                     f"{cfg.size[1]} on {device} for each of {len(pending)} rows, interleaved ...")
+        rows = _timed_rows(pending, cfg, device)
+        pending.clear()
+        gc.collect()
     ref = rows[0].latency_ms_median
     for r in rows:
         r.relative_latency = round(r.latency_ms_median / ref, 3)

@@ -707,8 +707,11 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--out", default=None, help="Result record path [default: results/bench/<run id>.json].")
 @click.option("--backend", "backends", default="torch", show_default=True, metavar="NAMES",
               help="Comma list of runtimes timed for every model: torch, onnxruntime, openvino, tensorrt (CUDA).")
+@click.option("--interleave/--sequential", default=True, show_default=True,
+              help="Time all models x backends in alternating rounds (all in memory; drift of a shared machine "
+                   "hits every row alike), or one after the other (one model in memory at a time).")
 def bench_speed_cmd(model, checkpoint, size, batch_size, device, precision, channels_last, compare, fold_bn, heap_reuse,
-                    runs, warmup, num_classes, threads, json_out, out, backends):
+                    runs, warmup, num_classes, threads, json_out, out, backends, interleave):
     """Inference latency (median, IQR), FPS and GFLOP/s, beside torchvision models."""
     from ldnbench import bench as B
 
@@ -718,7 +721,8 @@ def bench_speed_cmd(model, checkpoint, size, batch_size, device, precision, chan
     cfg = B.SpeedConfig(model=B.resolve_bench_model(model), num_classes=num_classes, size=B.parse_size(size),
                         batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
                         compare=names, fold_bn=fold_bn, heap_reuse=heap_reuse, runs=runs, warmup=warmup,
-                        threads=threads, checkpoint=checkpoint, backends=tuple(resolve_backends(backends)))
+                        threads=threads, checkpoint=checkpoint, backends=tuple(resolve_backends(backends)),
+                        interleave=interleave)
     result = B.bench_speed(cfg, progress=lambda m: click.echo(m, err=True))
     click.echo(B.format_speed_table(result))
     _bench_outputs(B.speed_record(result, command=sys.argv), [r.json_row() for r in result.rows], out, json_out)

@@ -174,3 +174,29 @@ def test_memory_channels_last_option_trains_in_that_layout():
     assert B._train_batch(B.MemoryConfig(channels_last=False, crop=64), 1, "cpu")[0].is_contiguous()
     row = B.run_policy_subprocess(cfg, "cat-1x1-3x3+stem+td+up")
     assert row.error is None and row.peak_mb > 0 and row.images_per_s > 0
+
+
+def test_time_calls_interleaves_rounds_and_reverses_every_other():
+    log = []
+    calls = [lambda k=k: log.append(k) for k in "abc"]
+    out = B.time_calls(calls, runs=3, warmup=2, device="cpu", interleave=True, settle_s=0)
+    assert "".join(log) == "aabbcc" + "abc" + "cba" + "abc"
+    assert [len(t) for t, _ in out] == [3, 3, 3] and all(len(c) == 3 for _, c in out)
+    log.clear()
+    out = B.time_calls(calls, runs=2, warmup=1, device="cpu", interleave=False)
+    assert "".join(log) == "aaabbbccc" and [len(t) for t, _ in out] == [2, 2, 2]
+
+
+def test_speed_sequential_gives_the_same_rows_as_interleaved(cli_runner, tmp_path):
+    rows = {}
+    for mode in ("--interleave", "--sequential"):
+        out = tmp_path / f"{mode}.json"
+        r = cli_runner.invoke(main, ["bench", "speed", "--model", "ldn121", "--size", "64x96", "--runs", "2",
+                                     "--threads", "1", "--compare", "tv-lraspp-mobilenet-v3-large", mode,
+                                     "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        rows[mode] = json.loads(out.read_text())["rows"]
+        assert (mode == "--interleave") == ("interleaved" in r.output)
+    for a, b in zip(rows["--interleave"], rows["--sequential"]):
+        assert (a["model"], a["backend"], a["gmac"], a["folded_bn"]) == (b["model"], b["backend"], b["gmac"], b["folded_bn"])
+        assert len(a["latencies_ms"]) == len(b["latencies_ms"]) == 2

@@ -260,3 +260,37 @@ def test_runner_reuses_its_output_buffer_but_calls_return_copies(tmp_path):
     assert not np.shares_memory(ya, yb) and not np.allclose(ya, yb)
     assert r.infer(a) is r.infer(b)  # the zero-copy call bench speed times
     np.testing.assert_allclose(r.infer(a), ya, rtol=0, atol=0)
+
+
+def test_profile_probe_cuts_only_the_bn_relu_that_reads_a_concat(tmp_path):
+    """benchmarks/profile_onnx.py --probe: the cost probe bypasses BN+ReLU after Concat, nothing else."""
+    import importlib.util
+    from pathlib import Path
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = importlib.util.spec_from_file_location(
+        "profile_onnx", Path(__file__).resolve().parents[1] / "benchmarks" / "profile_onnx.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             [("w", (4, 8, 1, 1)), ("w0", (4, 4, 1, 1))]]
+    for stem, c in (("a", 4), ("b", 8)):
+        inits += [numpy_helper.from_array(np.full(c, v, np.float32), f"{stem}{k}")
+                  for k, v in (("s", 2.0), ("t", -1.0), ("m", 0.0), ("v", 1.0))]
+    bn = lambda stem, i, o: helper.make_node("BatchNormalization", [i, f"{stem}s", f"{stem}t", f"{stem}m", f"{stem}v"], [o])  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"]), bn("a", "c0", "n0"), helper.make_node("Relu", ["n0"], ["r0"]),
+             helper.make_node("Concat", ["x", "r0"], ["cat"], axis=1), bn("b", "cat", "n1"),
+             helper.make_node("Relu", ["n1"], ["r1"]), helper.make_node("Conv", ["r1", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    assert prof._without_bn_after_concat(tmp_path / "g.onnx", tmp_path / "cut.onnx") == 1
+    cut = onnx.load(tmp_path / "cut.onnx")
+    assert [n.op_type for n in cut.graph.node] == ["Conv", "BatchNormalization", "Relu", "Concat", "Conv"]
+    x = rng.standard_normal((1, 4, 5, 5)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "cut.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    r0 = np.maximum(2 * np.einsum("oi,nihw->nohw", numpy_helper.to_array(inits[1])[:, :, 0, 0], x) - 1, 0)
+    want = np.einsum("oi,nihw->nohw", numpy_helper.to_array(inits[0])[:, :, 0, 0], np.concatenate([x, r0], 1))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
