@@ -124,30 +124,18 @@ def _without_bn_after_concat(path: Path, out: Path) -> int:
 
 
 def probe_bn_cost(path: Path, x: dict, threads: int, rounds: int) -> tuple[tuple[float, float], int]:
-    """Median ms per run of the graph and of its copy without BN+ReLU after Concat, timed alternately."""
-    import time
-
-    import onnxruntime as ort
+    """Median ms per run of the graph and of its copy without BN+ReLU after Concat, timed alternately
+    (``bench speed``'s interleaved protocol, each run as ``bench speed`` times a deployed graph)."""
+    from ldnbench.bench import time_calls
+    from ldnbench.deploy import make_runner
 
     cut_path = path.with_name("cut.onnx")
     n = _without_bn_after_concat(path, cut_path)
-    sessions = []
-    for p in (path, cut_path):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-        sessions.append(ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]))
-    times: list[list[float]] = [[], []]
-    for s in sessions:
-        s.run(None, x)
-    for r in range(rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            time.sleep(0.05)  # ORT's workers spin briefly after a run
-            t0 = time.perf_counter()
-            sessions[i].run(None, x)
-            times[i].append(time.perf_counter() - t0)
-    return (1000 * float(np.median(times[0])), 1000 * float(np.median(times[1]))), n
-
+    [image] = x.values()
+    runners = [make_runner("onnxruntime", p, threads=threads) for p in (path, cut_path)]
+    timed = time_calls([lambda r=r: r.infer(image) for r in runners], runs=rounds, warmup=1, device="cpu")
+    full, cut = (1000 * float(np.median(times)) for times, _ in timed)
+    return (full, cut), n
 
 if __name__ == "__main__":
     main()
