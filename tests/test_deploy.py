@@ -205,8 +205,14 @@ def test_openvino_backend_is_fp32_and_agrees(tiny):
         ref = model(x)
     got = net(x)
     # bf16 (OpenVINO's default on CPUs that have it) would be ~1e-2 off; fp32 is ~1e-6
+    assert got.shape == ref.shape
     assert (got - ref).abs().max() < 1e-3 * max(1.0, ref.abs().max().item())
     assert net.version.startswith("openvino ")
+    # logits come out channels-last (no full-resolution reorder), as an N×C×H×W view
+    arr = deploy.to_raw(x, deploy.IMAGENET).numpy()
+    view = net.runner(arr.shape).infer(arr)
+    assert view.shape == tuple(ref.shape) and view.strides[1] == view.itemsize
+    assert np.array_equal(net.runner(arr.shape)(arr), view)
 
 
 def test_tensorrt_path_exists_and_fails_clearly(tiny, tmp_path):

@@ -79,6 +79,25 @@ def test_eval_preallocated_path_matches_autograd_path_and_channels_last():
     torch.testing.assert_close(cl, fast, rtol=1e-4, atol=1e-4)
 
 
+def test_eval_batchnorm_is_one_multiply_add_on_prefix_views():
+    from ldnbench.models.layers import BatchNorm2d
+
+    torch.manual_seed(0)
+    bn = BatchNorm2d(6)
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(), bn.bias.data.normal_()
+    bn.eval()
+    buf = torch.randn(2, 10, 5, 7).contiguous(memory_format=torch.channels_last)
+    view = buf[:, :6]  # a dense block's channel prefix: not contiguous in any format
+    ref = torch.nn.functional.batch_norm(view, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    with torch.inference_mode():
+        got = bn(view)
+    torch.testing.assert_close(got, ref)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    traced = torch.export.export(bn, (view.contiguous(),), strict=False)  # export keeps the BatchNorm op
+    assert any("batch_norm" in str(n.target) for n in traced.graph.nodes)
+    assert not any("addcmul" in str(n.target) for n in traced.graph.nodes)
+
+
 def test_any_depth_and_dto_u_from_one_builder():
     with torch.device("meta"):
         m = build_model("ldn201-64to4", 19)

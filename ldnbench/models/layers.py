@@ -29,6 +29,17 @@ class BatchNorm2d(nn.BatchNorm2d):
             # Same op as the first pass (autograd saves the same tensors), but the update goes to throwaway copies.
             return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True,
                                 0.0 if self.momentum is None else self.momentum, self.eps)
+        if not self.training and self.running_mean is not None and x.dim() == 4 and not torch.compiler.is_compiling():
+            # Eval: one multiply-add. F.batch_norm is 2x slower on the channel-prefix views of a
+            # preallocated dense-block concatenation (eager LDN121 at 1024x2048: 300 ms of 1.25 s).
+            # Exported and compiled graphs keep the BatchNorm op, which their runtimes fuse themselves.
+            scale = torch.rsqrt(self.running_var + self.eps)
+            if self.weight is not None:
+                scale = scale * self.weight
+            shift = -self.running_mean * scale
+            if self.bias is not None:
+                shift = shift + self.bias
+            return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
         return super().forward(x)
 
 
