@@ -819,7 +819,8 @@ def format_speed_table(result: SpeedResult) -> str:
 
 
 def gflops_ratio_lines(result: SpeedResult) -> list[str]:
-    """Per compared model: the main model's best backend's GFLOP/s as a share of that model's (torch and best)."""
+    """Per compared model: the main model's best backend's GFLOP/s as a share of that model's (torch and best),
+    and backend by backend."""
     main = result.rows[0].model
     best = lambda rows: max(rows, key=lambda r: r.gflops_per_s or 0)  # noqa: E731
     ours = best([r for r in result.rows if r.model == main])
@@ -834,6 +835,10 @@ def gflops_ratio_lines(result: SpeedResult) -> list[str]:
                       if "torch" in ref and ref["torch"].gflops_per_s else "")
         lines.append(f"{main} [{ours.backend}] reaches {torch_part}{', ' if torch_part else ''}"
                      f"{ours.gflops_per_s / theirs.gflops_per_s:.0%} of its best [{theirs.backend}]")
+        same = [f"{r.backend} {r.gflops_per_s / ref[r.backend].gflops_per_s:.0%}" for r in result.rows
+                if r.model == main and r.gflops_per_s and r.backend in ref and ref[r.backend].gflops_per_s]
+        if len(same) > 1 or (same and not torch_part):
+            lines.append(f"{main} against {other} on the same backend: {', '.join(same)}")
     return lines
 
 

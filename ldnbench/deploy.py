@@ -259,7 +259,7 @@ class _OpenVINORunner:
     channels-last logits the same way.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, *, profiling: bool = False):
         require("openvino")
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
@@ -273,7 +273,7 @@ class _OpenVINORunner:
             ppp.output(0).tensor().set_layout(ov.Layout("NHWC"))
             model = ppp.build()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-                  "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+                  "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERF_COUNT": profiling}
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
 

@@ -254,7 +254,8 @@ def test_speed_table_prints_the_gflops_ratio_of_the_best_backend():
     res = B.SpeedResult(B.SpeedConfig(), [row("ldn", "torch", 200.0), row("ldn", "openvino", 300.0),
                                           row("dlv3", "torch", 400.0), row("dlv3", "openvino", 500.0)])
     assert B.gflops_ratio_lines(res) == ["ldn [openvino] reaches 75% of dlv3's GFLOP/s in torch, "
-                                         "60% of its best [openvino]"]
+                                         "60% of its best [openvino]",
+                                         "ldn against dlv3 on the same backend: torch 50%, openvino 60%"]
 
 
 def test_runner_reuses_its_output_buffer_but_calls_return_copies(tmp_path):
@@ -300,3 +301,23 @@ def test_profile_probe_cuts_only_the_bn_relu_that_reads_a_concat(tmp_path):
     r0 = np.maximum(2 * np.einsum("oi,nihw->nohw", numpy_helper.to_array(inits[1])[:, :, 0, 0], x) - 1, 0)
     want = np.einsum("oi,nihw->nohw", numpy_helper.to_array(inits[0])[:, :, 0, 0], np.concatenate([x, r0], 1))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_profile_openvino_counts_conv_macs_and_reads_the_plugin_counters(tmp_path):
+    """benchmarks/profile_openvino.py: MACs per Conv node from the graph; the runner's counters name those nodes."""
+    pytest.importorskip("openvino")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "profile_openvino", Path(__file__).resolve().parents[1] / "benchmarks" / "profile_openvino.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    torch.manual_seed(0)
+    deploy.export_onnx(_Conv().eval(), tmp_path / "c.onnx", size=(16, 24), input_dtype="float32")
+    macs = prof.conv_macs(tmp_path / "c.onnx")
+    assert list(macs.values()) == [((5, 3, 3, 3), 16 * 24 * 5 * 3 * 9)]
+    r = deploy._OpenVINORunner(tmp_path / "c.onnx", 1, profiling=True)
+    r.infer(np.zeros((1, 3, 16, 24), np.float32))
+    convs = [p.node_name for p in r.request.profiling_info if p.node_type == "Convolution"]
+    assert convs == [f"{name}/WithoutBiases" for name in macs]  # the name the script strips
