@@ -46,10 +46,12 @@ def reuse_freed_memory() -> bool:
 
 
 def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, channels_last: bool = True,
-                  fold_bn: bool = True, example_size: int = 128) -> nn.Module:
+                  fold_bn: bool = True, clamp_preactivations: bool = True, example_size: int = 128) -> nn.Module:
     """An eval-only copy of ``model`` on ``device`` for fast inference: BatchNorms folded into the
-    convolutions that feed them (:func:`fold_batchnorm`) and channels-last weights (CPU and CUDA
-    convolutions are faster in that layout). The original model is left untouched."""
+    convolutions that feed them (:func:`fold_batchnorm`), BN→ReLU→1×1 triples into a clamp and that
+    convolution (:func:`fold_preactivation`), and channels-last weights (CPU and CUDA convolutions are
+    faster in that layout; ``clamp_preactivations=False`` keeps the triples). The original model is
+    left untouched."""
     device = torch.device(device)
     net = _copy.deepcopy(model).to(device).eval()
     if fold_bn:
@@ -57,6 +59,8 @@ def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, chann
             # a private generator: preparing a model must not move the caller's random stream
             example = torch.randn(1, 3, example_size, example_size, generator=torch.Generator().manual_seed(0))
             net, _ = fold_batchnorm(net, example.to(device), copy=False)
+            if clamp_preactivations:
+                net, _ = fold_preactivation(net, example.to(device))
         except RuntimeError as e:  # folding changed the outputs (degenerate statistics): keep the plain model
             warnings.warn(f"{e}; running the model with its BatchNorms unfolded", RuntimeWarning, stacklevel=2)
             net = _copy.deepcopy(model).to(device).eval()
@@ -263,3 +267,71 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-3, 
     if not err <= atol * max(1.0, ref.abs().max().item()):
         raise RuntimeError(f"BatchNorm folding changed the output by {err:.3g}; run without folding")
     return model, folded
+
+
+class ClampChannels(nn.Module):
+    """``clamp(x, lo, hi)`` with per-channel bounds: what a folded BN→ReLU leaves before its 1×1 conv."""
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor):
+        super().__init__()
+        self.register_buffer("lo", lo.view(1, -1, 1, 1))
+        self.register_buffer("hi", hi.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.lo, self.hi)
+
+
+def _preactivation_triples(model: nn.Module):
+    """(parent, names) of BatchNorm2d → ReLU → 1×1 Conv2d registered one after another in a module
+    (a Sequential, or e.g. a dense layer's ``norm1, relu1, conv1``)."""
+    for parent in model.modules():
+        kids = list(parent.named_children())
+        for (n0, bn), (n1, relu), (n2, conv) in zip(kids, kids[1:], kids[2:]):
+            if (isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None and isinstance(relu, nn.ReLU)
+                    and isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+                    and conv.groups == 1 and conv.in_channels == bn.num_features):
+                yield parent, (n0, n1, n2)
+
+
+def fold_preactivation(model: nn.Module, example: torch.Tensor, atol: float = 1e-3) -> tuple[nn.Module, int]:
+    """Fold every eval-mode BN → ReLU → 1×1 conv into a per-channel clamp and that conv; returns
+    (model, number of triples folded), or ``model`` unchanged with a warning if the outputs moved.
+
+    With the BN as ``a·x + s``: ``relu(a·x + s) = a·max(x, -s/a) + s`` for ``a > 0`` and
+    ``a·min(x, -s/a) + s`` for ``a < 0``, so ``conv(relu(bn(x))) = conv'(clamp(x, lo, hi))`` with the
+    scale in the weights and ``W·s`` in the bias: one pass over the (often strided) input instead of
+    a multiply-add and a ReLU. Only 1×1 convolutions without padding qualify (a padded border would
+    see the bias). Checked against the unfolded model on ``example``.
+    """
+    folded = _copy.deepcopy(model).eval()
+    count = 0
+    for parent, (n_bn, n_relu, n_conv) in list(_preactivation_triples(folded)):
+        bn, conv = getattr(parent, n_bn), getattr(parent, n_conv)
+        with torch.no_grad():
+            a = torch.rsqrt(bn.running_var + bn.eps)
+            a = a * bn.weight if bn.affine else a
+            s = (bn.bias if bn.affine else 0) - bn.running_mean * a
+            t = -s / torch.where(a == 0, torch.ones_like(a), a)
+            inf = torch.full_like(a, float("inf"))
+            lo = torch.where(a > 0, t, -inf)
+            hi = torch.where(a < 0, t, inf)
+            w = conv.weight.flatten(1)  # out × in
+            bias = w @ torch.where(a == 0, s.clamp_min(0), s)  # a == 0: the channel is the constant relu(s)
+            if conv.bias is not None:
+                bias = bias + conv.bias
+            conv.weight.mul_(a.view(1, -1, 1, 1))
+            conv.bias = nn.Parameter(bias.detach().clone())
+        setattr(parent, n_bn, ClampChannels(lo, hi))
+        setattr(parent, n_relu, nn.Identity())
+        count += 1
+    if count == 0:
+        return model, 0
+    with torch.inference_mode(), autocast("fp32", example.device):
+        ref, got = model.eval()(example), folded(example)
+    ref, got = (ref["out"], got["out"]) if isinstance(ref, dict) else (ref, got)
+    err = (ref - got).abs().max().item()
+    if not err <= atol * max(1.0, ref.abs().max().item()):
+        warnings.warn(f"folding BN-ReLU into 1x1 convolutions changed the output by {err:.3g}; kept them apart",
+                      RuntimeWarning, stacklevel=2)
+        return model, 0
+    return folded, count

@@ -166,6 +166,55 @@ def test_fold_batchnorm_keeps_outputs_and_folds_only_conv_fed_bns():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # the original is untouched
 
 
+def test_fold_preactivation_turns_bn_relu_1x1_into_a_clamp_and_keeps_outputs():
+    from torch import nn
+
+    from ldnbench.inference import ClampChannels, fold_batchnorm, fold_preactivation
+    from ldnbench.models import build_model
+    from ldnbench.models.densenet import DenseLayer, Transition
+
+    def randomize(model):  # mixed-sign and zero BN scales: both clamp directions and the constant channel
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.data.uniform_(-1.5, 1.5)
+                m.weight.data[0] = 0.0
+                m.bias.data.uniform_(-0.5, 0.5)
+        return model.eval()
+
+    torch.manual_seed(0)
+    model = randomize(build_model("ldn121-64to4", 19))
+    x = torch.randn(1, 3, 96, 160)
+    base, _ = fold_batchnorm(model, torch.randn(1, 3, 128, 128))
+    folded, n = fold_preactivation(base, torch.randn(1, 3, 128, 128))
+    dense = [m for m in folded.modules() if isinstance(m, DenseLayer)]
+    n_1x1 = sum(m.has_bottleneck for m in dense) + sum(isinstance(m, Transition) for m in folded.modules())
+    assert n >= n_1x1 > 50
+    assert all(isinstance(m.norm1, ClampChannels) and isinstance(m.relu1, nn.Identity) for m in dense if m.has_bottleneck)
+    assert all(isinstance(m.norm2, (nn.BatchNorm2d, nn.Identity)) for m in dense)  # before a padded 3x3: never
+    with torch.inference_mode():
+        ref, got = model(x), folded(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    assert not any(isinstance(m, ClampChannels) for m in base.modules())  # its input is untouched
+
+    # a padded 3x3 after BN-ReLU is not folded; a triple registered in order but run otherwise is refused
+    seq = randomize(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)))
+    assert fold_preactivation(seq, torch.randn(1, 4, 8, 8)) == (seq, 0)
+
+    class Shuffled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.relu, self.conv = nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1)
+
+        def forward(self, t):
+            return self.relu(self.conv(self.norm(t)))
+
+    odd = randomize(Shuffled())
+    with pytest.warns(RuntimeWarning, match="kept them apart"):
+        assert fold_preactivation(odd, torch.randn(1, 4, 8, 8)) == (odd, 0)
+
+
 def test_memory_channels_last_option_trains_in_that_layout():
     cfg = B.MemoryConfig(model="ldn121-64to4", crop=64, batch_size=1, steps=1, warmup=0, threads=1)
     assert cfg.channels_last  # the default

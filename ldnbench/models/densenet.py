@@ -75,6 +75,7 @@ class DenseLayer(nn.Module):
         if bottleneck:
             mid = bn_size * growth
             self.norm1 = BatchNorm2d(cin)
+            self.relu1 = nn.ReLU(inplace=True)  # a module, so eval-time folding can replace the triple
             self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
         self.norm2 = BatchNorm2d(mid)
         self.conv2 = nn.Conv2d(mid, growth, 3, padding=dilation, dilation=dilation, bias=False)
@@ -83,7 +84,7 @@ class DenseLayer(nn.Module):
     def cat_1x1(self, *features: Tensor) -> Tensor:
         x = features[0] if len(features) == 1 else torch.cat(features, 1)
         if self.has_bottleneck:
-            x = self.conv1(F.relu(self.norm1(x), inplace=True))
+            x = self.conv1(self.relu1(self.norm1(x)))
         return x
 
     def conv3x3(self, x: Tensor) -> Tensor:
