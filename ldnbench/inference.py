@@ -301,8 +301,10 @@ def fold_preactivation(model: nn.Module, example: torch.Tensor, atol: float = 1e
     ``a·min(x, -s/a) + s`` for ``a < 0``, so ``conv(relu(bn(x))) = conv'(clamp(x, lo, hi))`` with the
     scale in the weights and ``W·s`` in the bias: one pass over the (often strided) input instead of
     a multiply-add and a ReLU. Only 1×1 convolutions without padding qualify (a padded border would
-    see the bias). Checked against the unfolded model on ``example``.
+    see the bias). Checked against the unfolded model on ``example`` (``model`` is put in eval mode).
     """
+    if next(_preactivation_triples(model), None) is None:
+        return model, 0
     folded = _copy.deepcopy(model).eval()
     count = 0
     for parent, (n_bn, n_relu, n_conv) in list(_preactivation_triples(folded)):
@@ -324,8 +326,6 @@ def fold_preactivation(model: nn.Module, example: torch.Tensor, atol: float = 1e
         setattr(parent, n_bn, ClampChannels(lo, hi))
         setattr(parent, n_relu, nn.Identity())
         count += 1
-    if count == 0:
-        return model, 0
     with torch.inference_mode(), autocast("fp32", example.device):
         ref, got = model.eval()(example), folded(example)
     ref, got = (ref["out"], got["out"]) if isinstance(ref, dict) else (ref, got)
