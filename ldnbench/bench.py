@@ -810,7 +810,7 @@ def format_speed_table(result: SpeedResult) -> str:
     cfg = result.config
     lines.append(f"input {cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]}, {cfg.device}, "
                  f"{cfg.precision}, "
-                 f"{'BN folded into convs' if cfg.fold_bn else 'BN not folded'}, "
+                 f"{'BN folded into convs (torch: BN-ReLU-1x1 as clamp-1x1)' if cfg.fold_bn else 'BN not folded'}, "
                  f"{'freed memory reused' if result.heap_reuse else 'freed memory returned to the OS'}, "
                  f"{'channels-last' if cfg.channels_last else 'NCHW'}, {torch.get_num_threads()} threads; "
                  f"GMAC per image; 'x slower' = median latency / {result.rows[0].model} [{result.rows[0].backend}]'s; "
