@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ldnbench.models.layers import bn_scale_shift
 from ldnbench.runtime import autocast
 
 #: The multi-scale test of the paper's era: scales relative to the input, each also flipped.
@@ -58,9 +59,10 @@ def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, chann
         try:
             # a private generator: preparing a model must not move the caller's random stream
             example = torch.randn(1, 3, example_size, example_size, generator=torch.Generator().manual_seed(0))
-            net, _ = fold_batchnorm(net, example.to(device), copy=False)
+            example = example.to(device)
+            net, _ = fold_batchnorm(net, example, copy=False)
             if clamp_preactivations:
-                net, _ = fold_preactivation(net, example.to(device))
+                net, _ = fold_preactivation(net, example)
         except RuntimeError as e:  # folding changed the outputs (degenerate statistics): keep the plain model
             warnings.warn(f"{e}; running the model with its BatchNorms unfolded", RuntimeWarning, stacklevel=2)
             net = _copy.deepcopy(model).to(device).eval()
@@ -250,9 +252,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-3, 
         if conv is None or counter.uses.get(c[0][0][0], 0) != 1 or id(bn) not in parents:
             continue
         with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
-                1 / torch.sqrt(bn.running_var + bn.eps)
-            shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+            scale, shift = bn_scale_shift(bn)
             bias = shift if conv.bias is None else conv.bias * scale + shift
             conv.weight.mul_(scale.view(-1, 1, 1, 1))
             conv.bias = nn.Parameter(bias.detach().clone())
@@ -310,9 +310,7 @@ def fold_preactivation(model: nn.Module, example: torch.Tensor, atol: float = 1e
     for parent, (n_bn, n_relu, n_conv) in list(_preactivation_triples(folded)):
         bn, conv = getattr(parent, n_bn), getattr(parent, n_conv)
         with torch.no_grad():
-            a = torch.rsqrt(bn.running_var + bn.eps)
-            a = a * bn.weight if bn.affine else a
-            s = (bn.bias if bn.affine else 0) - bn.running_mean * a
+            a, s = bn_scale_shift(bn)
             t = -s / torch.where(a == 0, torch.ones_like(a), a)
             inf = torch.full_like(a, float("inf"))
             lo = torch.where(a > 0, t, -inf)

@@ -7,6 +7,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(a, s)`` with ``bn(x) == a·x + s`` in eval mode (running statistics)."""
+    a = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight
+    s = -bn.running_mean * a
+    if bn.bias is not None:
+        s = s + bn.bias
+    return a, s
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same state-dict keys) whose running-statistics update can be switched off.
 
@@ -33,12 +44,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             # Eval: one multiply-add. F.batch_norm is 2x slower on the channel-prefix views of a
             # preallocated dense-block concatenation (eager LDN121 at 1024x2048: 300 ms of 1.25 s).
             # Exported and compiled graphs keep the BatchNorm op, which their runtimes fuse themselves.
-            scale = torch.rsqrt(self.running_var + self.eps)
-            if self.weight is not None:
-                scale = scale * self.weight
-            shift = -self.running_mean * scale
-            if self.bias is not None:
-                shift = shift + self.bias
+            scale, shift = bn_scale_shift(self)
             return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
         return super().forward(x)
 
