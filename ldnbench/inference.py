@@ -47,10 +47,12 @@ def reuse_freed_memory() -> bool:
 
 
 def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, channels_last: bool = True,
-                  fold_bn: bool = True, clamp_preactivations: bool = True, example_size: int = 128) -> nn.Module:
+                  fold_bn: bool = True, clamp_preactivations: bool = True, pool_first: bool = True,
+                  example_size: int = 128) -> nn.Module:
     """An eval-only copy of ``model`` on ``device`` for fast inference: BatchNorms folded into the
     convolutions that feed them (:func:`fold_batchnorm`), BN→ReLU→1×1 triples into a clamp and that
-    convolution (:func:`fold_preactivation`), and channels-last weights (CPU and CUDA convolutions are
+    convolution (:func:`fold_preactivation`), average pools moved before the 1×1 convolutions they
+    follow (:func:`pool_before_pointwise`), and channels-last weights (CPU and CUDA convolutions are
     faster in that layout; ``clamp_preactivations=False`` keeps the triples). The original model is
     left untouched."""
     device = torch.device(device)
@@ -66,6 +68,8 @@ def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, chann
         except RuntimeError as e:  # folding changed the outputs (degenerate statistics): keep the plain model
             warnings.warn(f"{e}; running the model with its BatchNorms unfolded", RuntimeWarning, stacklevel=2)
             net = _copy.deepcopy(model).to(device).eval()
+    if pool_first:  # after the folds, which look for BN→ReLU→conv as neighbours
+        net, _ = pool_before_pointwise(net)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
@@ -279,6 +283,46 @@ class ClampChannels(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clamp(x, self.lo, self.hi)
+
+
+def _plain_sequentials(model: nn.Module):
+    # only Sequentials that run their children in order: reordering a custom forward's children means nothing
+    return (m for m in model.modules() if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward)
+
+
+def pool_before_pointwise(model: nn.Module) -> tuple[nn.Module, int]:
+    """Swap every 1×1 convolution (stride 1, no padding) that a plain ``Sequential`` runs right before a
+    non-overlapping average pool (kernel = stride, no padding, floor mode), in place; returns
+    (model, number of swaps).
+
+    Both are linear and the conv is per pixel, so ``pool(conv(x)) == conv(pool(x))`` (bias included)
+    up to rounding, and the conv then runs on k² times fewer pixels: a DenseNet transition-down
+    (BN-ReLU-1×1-pool) computes 4× fewer MACs, 7.2 of LDN121's 133.4 GMAC at 1024×2048 in all three.
+    Complexity counts (``ldnbench zoo``) stay those of the architecture as defined.
+    """
+    count = 0
+    for seq in _plain_sequentials(model):
+        names = list(seq._modules)
+        for i in range(len(names) - 1):
+            conv, pool = seq._modules[names[i]], seq._modules[names[i + 1]]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(pool, nn.AvgPool2d)):
+                continue
+            k = _pair(pool.kernel_size)
+            if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+                    and conv.padding_mode == "zeros" and k == _pair(pool.stride or pool.kernel_size)
+                    and _pair(pool.padding) == (0, 0) and not pool.ceil_mode and pool.divisor_override is None):
+                # reorder the registry itself: names (and so state-dict keys) stay, the run order swaps
+                items = list(seq._modules.items())
+                items[i], items[i + 1] = items[i + 1], items[i]
+                seq._modules.clear()
+                seq._modules.update(items)
+                names = list(seq._modules)
+                count += 1
+    return model, count
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _preactivation_triples(model: nn.Module):

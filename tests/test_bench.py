@@ -130,6 +130,9 @@ def test_speed_rows_and_json_schema(cli_runner, tmp_path):
     assert rec["kind"] == "bench-speed" and len(rec["rows"]) == 2 and len(rec["rows"][0]["latencies_ms"]) == 2
     assert all(row["cpu_ms_median"] > 0 and row["folded_bn"] > 0 for row in rec["rows"])  # BN folded by default
     assert "speedup_vs_tv-lraspp-mobilenet-v3-large" in rec["metrics"]
+    ldn, peer = rec["rows"]  # LDN's transitions pool before their 1x1 convs; the peer has nothing to move
+    assert ldn["gmac_executed"] < ldn["gmac"] and peer["gmac_executed"] == peer["gmac"]
+    assert "on the MACs computed it reaches" in r.output
 
 
 
@@ -215,6 +218,51 @@ def test_fold_preactivation_turns_bn_relu_1x1_into_a_clamp_and_keeps_outputs():
         assert fold_preactivation(odd, torch.randn(1, 4, 8, 8)) == (odd, 0)
 
 
+def test_pool_before_pointwise_moves_transition_pools_first_and_keeps_outputs():
+    from torch import nn
+
+    from ldnbench.inference import pool_before_pointwise, prepare_model
+    from ldnbench.models import build_model, count_macs
+    from ldnbench.models.densenet import Transition
+
+    torch.manual_seed(0)
+    model = build_model("ldn121-64to4", 19).eval()
+    for m in model.modules():  # non-trivial statistics and biases, so that the bias is moved too
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.bias.data.uniform_(-0.5, 0.5)
+    net = prepare_model(model, channels_last=False)
+    transitions = [m for m in net.modules() if isinstance(m, Transition) and hasattr(m, "pool")]
+    assert len(transitions) == 3
+    for t in transitions:  # pool right before the conv; the state-dict names are unchanged
+        names = list(t._modules)
+        assert names.index("pool") + 1 == names.index("conv")
+    assert set(net.state_dict()) == set(prepare_model(model, channels_last=False, pool_first=False).state_dict())
+    x = torch.randn(1, 3, 96, 160)
+    with torch.inference_mode():
+        ref, got = model(x), net(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    executed = count_macs(net, 256, 512).gmac
+    assert executed < count_macs(model, 256, 512).gmac * 0.96
+
+    # not swapped: a 3x3 conv, an overlapping pool, a pool with padding, a custom forward
+    for seq in (nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.AvgPool2d(2)),
+                nn.Sequential(nn.Conv2d(2, 2, 1), nn.AvgPool2d(3, 2)),
+                nn.Sequential(nn.Conv2d(2, 2, 1), nn.AvgPool2d(2, 2, padding=1))):
+        assert pool_before_pointwise(seq)[1] == 0
+
+    class Custom(nn.Sequential):
+        def forward(self, t):
+            return self[1](self[0](t)) * 2
+
+    assert pool_before_pointwise(Custom(nn.Conv2d(2, 2, 1), nn.AvgPool2d(2)))[1] == 0
+    odd = nn.Sequential(nn.Conv2d(2, 3, 1), nn.AvgPool2d(2), nn.ReLU())
+    y = torch.randn(1, 2, 7, 9)  # odd sizes: floor mode drops the same row and column either way
+    want = odd(y)
+    assert pool_before_pointwise(odd)[1] == 1 and isinstance(odd[0], nn.AvgPool2d)
+    torch.testing.assert_close(odd(y), want)
+
+
 def test_memory_channels_last_option_trains_in_that_layout():
     cfg = B.MemoryConfig(model="ldn121-64to4", crop=64, batch_size=1, steps=1, warmup=0, threads=1)
     assert cfg.channels_last  # the default
@@ -229,7 +277,7 @@ def test_time_calls_interleaves_rounds_and_reverses_every_other():
     log = []
     calls = [lambda k=k: log.append(k) for k in "abc"]
     out = B.time_calls(calls, runs=3, warmup=2, device="cpu", interleave=True, settle_s=0)
-    assert "".join(log) == "aabbcc" + "abc" + "cba" + "abc"
+    assert "".join(log) == "abc" + "cba" + "abc" + "cba" + "abc"  # two warm-up rounds, then three timed
     assert [len(t) for t, _ in out] == [3, 3, 3] and all(len(c) == 3 for _, c in out)
     log.clear()
     out = B.time_calls(calls, runs=2, warmup=1, device="cpu", interleave=False)
