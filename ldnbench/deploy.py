@@ -122,7 +122,8 @@ def to_raw(x: torch.Tensor, normalization: Normalization) -> torch.Tensor:
 
 
 def export_ready(model: nn.Module) -> nn.Module:
-    """An eval copy of ``model`` as exported: BatchNorms folded into their convolutions, NCHW weights."""
+    """An eval copy of ``model`` as exported: BatchNorms folded into their convolutions, average pools
+    before the 1x1 convolutions they follow, NCHW weights (:func:`~ldnbench.inference.prepare_model`)."""
     from ldnbench.inference import prepare_model
 
     # BN→ReLU stay BatchNormalization+Relu: ONNX Runtime would run the folded form's clamp as separate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import urllib.error
+import warnings
 
 import pytest
 import torch
@@ -96,6 +97,18 @@ def test_eval_batchnorm_is_one_multiply_add_on_prefix_views():
     traced = torch.export.export(bn, (view.contiguous(),), strict=False)  # export keeps the BatchNorm op
     assert any("batch_norm" in str(n.target) for n in traced.graph.nodes)
     assert not any("addcmul" in str(n.target) for n in traced.graph.nodes)
+
+
+def test_ldn_traces_with_torchscript():
+    """The legacy tracer (torch.jit.trace, which oneDNN Graph fusion needs) runs an LDN with SPP: the
+    SPP grid is computed from plain ints, not from traced shape tensors."""
+    torch.manual_seed(0)
+    model = build_model("ldn121-64to4", 5).eval()
+    x = torch.randn(1, 3, 128, 192)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.testing.assert_close(traced(x), model(x))
 
 
 def test_any_depth_and_dto_u_from_one_builder():

@@ -100,7 +100,7 @@ class SpatialPyramidPooling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.bt(x)
-        h, w = x.shape[-2:]
+        h, w = (int(v) for v in x.shape[-2:])  # plain ints: traced and exported graphs take the grid as constant
         parts = [x]
         for g, conv in zip(self.grids, self.levels):
             # (w / h) * g, evaluated in the reference code's order so that .5 ties round the same way
