@@ -579,21 +579,22 @@ def build_compare_model(name: str, num_classes: int) -> nn.Module:
     return build_model(key, num_classes, checkpointing="none")
 
 
-def image_gmac(make: Callable[[], nn.Module], height: int, width: int, executed: bool = False) -> float:
-    """GMAC of one ``1x3xHxW`` eval forward, counted by the zoo's counter on the meta device.
+def image_gmacs(make: Callable[[], nn.Module], height: int, width: int) -> tuple[float, float]:
+    """GMAC of one ``1x3xHxW`` eval forward, counted by the zoo's counter on the meta device: (the
+    architecture's, what the prepared and exported model computes).
 
     ``make`` builds the model; it is called under ``torch.device("meta")`` (no weights, no arithmetic),
     so torchvision models and LDNs are counted by the same rules (convolutions and matrix products).
-    ``executed``: count what the prepared (and exported) model computes, with average pools moved
-    before the 1x1 convolutions they follow (:func:`~ldnbench.inference.pool_before_pointwise`).
+    The second count has the average pools moved before the 1x1 convolutions they follow
+    (:func:`~ldnbench.inference.pool_before_pointwise`).
     """
     from ldnbench.models import count_macs
 
     with torch.device("meta"):
-        model = make()
-    if executed:
-        model, _ = pool_before_pointwise(model.eval())
-    return count_macs(model, height, width).gmac
+        model = make().eval()
+    architecture = count_macs(model, height, width).gmac
+    model, _ = pool_before_pointwise(model)
+    return architecture, count_macs(model, height, width).gmac
 
 
 def time_calls(calls: list[Callable[[], Any]], *, runs: int, warmup: int, device: str, precision: str = "fp32",
@@ -684,14 +685,15 @@ class _Timed:
     name: str
     backend: str
     call: Callable[[], Any]
-    gmac: float | None
+    gmac: float
     params: int
     folded_bn: int = 0
     keep: Any = None  # what ``call`` needs alive (a DeployedModel and its export folder)
-    gmac_executed: float | None = None
+    gmac_executed: float = 0.0
 
 
-def _timed(name: str, model: nn.Module, backend: str, cfg: SpeedConfig, device: str, gmac: float | None) -> _Timed:
+def _timed(name: str, model: nn.Module, backend: str, cfg: SpeedConfig, device: str,
+           gmacs: tuple[float, float]) -> _Timed:
     """``model``'s forward on a random ``cfg.batch_size x 3 x H x W`` input as ``backend`` runs it.
 
     torch: the model as ``eval`` prepares it. An ONNX runtime: the deployment call, float RGB 0..255
@@ -699,18 +701,19 @@ def _timed(name: str, model: nn.Module, backend: str, cfg: SpeedConfig, device: 
     ``DeployedModel`` adds a copy), exported and compiled here, before any warm-up.
     """
     params = sum(p.numel() for p in model.parameters())
+    gmac, executed = gmacs
     if backend == "torch":
         net, folded = _prepare(model, cfg, device)
         x = _input(cfg).to(device)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return _Timed(name, backend, lambda: net(x), gmac, params, folded)
+        return _Timed(name, backend, lambda: net(x), gmac, params, folded, gmac_executed=executed)
     from ldnbench.deploy import DeployedModel, to_raw
 
     deployed = DeployedModel(model, backend, threads=cfg.threads, device=device)
     raw = to_raw(_input(cfg), deployed.normalization).numpy()
     runner = deployed.runner(tuple(raw.shape))
-    return _Timed(name, backend, lambda: runner.infer(raw), gmac, params, keep=deployed)
+    return _Timed(name, backend, lambda: runner.infer(raw), gmac, params, keep=deployed, gmac_executed=executed)
 
 
 def _timed_rows(timed: list[_Timed], cfg: SpeedConfig, device: str) -> list[SpeedRow]:
@@ -722,7 +725,7 @@ def _timed_rows(timed: list[_Timed], cfg: SpeedConfig, device: str) -> list[Spee
     for t, (times, cpu) in zip(timed, measured):
         rows.append(_row(t.name, cfg, times, cpu, t.gmac, t.params))
         rows[-1].folded_bn, rows[-1].backend = t.folded_bn, t.backend
-        rows[-1].gmac_executed = round(t.gmac_executed, 3) if t.gmac_executed else None
+        rows[-1].gmac_executed = round(t.gmac_executed, 3)
         rows[-1].backend_version = backend_version(t.backend)
     return rows
 
@@ -765,16 +768,14 @@ def bench_speed(cfg: SpeedConfig, progress: Callable[[str], None] | None = None)
         check_backend(b, device, cfg.precision)
     pending: list[_Timed] = []
     for i, (name, make) in enumerate(entries):
-        gmac = image_gmac(make, *cfg.size)
-        executed = image_gmac(make, *cfg.size, executed=True)
+        gmacs = image_gmacs(make, *cfg.size)
         model = loaded if i == 0 and loaded is not None else make()
         for backend in cfg.backends:
             if progress:
                 progress(f"{name} [{backend}]: " + ("exporting/preparing" if cfg.interleave else
                          f"{cfg.warmup} warm-up + {cfg.runs} timed forwards of "
                          f"{cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]} on {device}") + " ...")
-            pending.append(_timed(name, model, backend, cfg, device, gmac))
-            pending[-1].gmac_executed = executed
+            pending.append(_timed(name, model, backend, cfg, device, gmacs))
             if not cfg.interleave:  # one row in memory at a time
                 rows += _timed_rows(pending, cfg, device)
                 pending.clear()

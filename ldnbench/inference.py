@@ -302,23 +302,24 @@ def pool_before_pointwise(model: nn.Module) -> tuple[nn.Module, int]:
     """
     count = 0
     for seq in _plain_sequentials(model):
-        names = list(seq._modules)
-        for i in range(len(names) - 1):
-            conv, pool = seq._modules[names[i]], seq._modules[names[i + 1]]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(pool, nn.AvgPool2d)):
-                continue
-            k = _pair(pool.kernel_size)
-            if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
-                    and conv.padding_mode == "zeros" and k == _pair(pool.stride or pool.kernel_size)
-                    and _pair(pool.padding) == (0, 0) and not pool.ceil_mode and pool.divisor_override is None):
-                # reorder the registry itself: names (and so state-dict keys) stay, the run order swaps
-                items = list(seq._modules.items())
+        items = list(seq._modules.items())
+        swaps = 0
+        for i in range(len(items) - 1):
+            if _pool_commutes_with(items[i][1], items[i + 1][1]):
                 items[i], items[i + 1] = items[i + 1], items[i]
-                seq._modules.clear()
-                seq._modules.update(items)
-                names = list(seq._modules)
-                count += 1
+                swaps += 1
+        if swaps:  # reorder the registry itself: names (and so state-dict keys) stay, the run order swaps
+            seq._modules.clear()
+            seq._modules.update(items)
+            count += swaps
     return model, count
+
+
+def _pool_commutes_with(conv: nn.Module, pool: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and isinstance(pool, nn.AvgPool2d)
+            and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.padding_mode == "zeros" and _pair(pool.kernel_size) == _pair(pool.stride)
+            and _pair(pool.padding) == (0, 0) and not pool.ceil_mode and pool.divisor_override is None)
 
 
 def _pair(v) -> tuple[int, int]:
