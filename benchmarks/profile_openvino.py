@@ -1,6 +1,6 @@
 """Where a zoo model's time goes under OpenVINO: per-node time by op and kernel, convolutions by shape.
 
-    python benchmarks/profile_openvino.py [--model ldn121] [--size 1024x2048] [--runs 3] [--threads 2]
+    python benchmarks/profile_openvino.py [--model ldn121] [--size 1024x2048] [--runs 3] [--threads 2] [--blocked]
 
 Exports the model (random weights, RGB 0..255 in, logits out), compiles it exactly as the
 ``openvino`` backend does (``ldnbench.deploy``'s runner, fp32, latency hint, channels-last logits)
@@ -8,6 +8,13 @@ with the plugin's per-node counters on, and prints the last run's node times gro
 (op type, kernel) and the slowest convolutions with their GFLOP/s (MACs from the ONNX weight and
 output shapes). ``ref_*`` kernels are the plugin's generic implementations; a ``Reorder`` is a
 layout conversion between nodes.
+
+``--blocked`` is an experiment, not the backend: every convolution gets the plugin's
+``primitives_priority`` ``cpu:jit_avx512_1x1,cpu:jit_avx512`` (written into the IR, the one way the
+plugin reads it), so it runs oneDNN's blocked-layout (``aBcd16b``) kernels instead of its default
+channels-last ``brgconv`` ones. In that layout a channel concatenation can be computed in place (its
+inputs write straight into its output), which shows what DenseNet's concatenation copies cost
+against the speed of the convolution kernels.
 """
 
 from __future__ import annotations
@@ -39,6 +46,25 @@ def conv_macs(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
     return out
 
 
+def blocked_ir(onnx_path: Path, out: Path) -> Path:
+    """``onnx_path`` as OpenVINO IR ``out`` (.xml + .bin) whose convolutions ask for the blocked jit kernels."""
+    import xml.etree.ElementTree as ET
+
+    import openvino as ov
+
+    ov.save_model(ov.Core().read_model(str(onnx_path)), str(out), compress_to_fp16=False)
+    tree = ET.parse(out)
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("type") == "Convolution":
+            info = layer.find("rt_info")
+            if info is None:
+                info = ET.SubElement(layer, "rt_info")
+            ET.SubElement(info, "attribute", name="primitives_priority", version="0",
+                          value="cpu:jit_avx512_1x1,cpu:jit_avx512")
+    tree.write(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ldn121")
@@ -46,6 +72,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="convolutions to list")
+    ap.add_argument("--blocked", action="store_true", help="force oneDNN's blocked-layout jit convolutions "
+                    "(in-place concatenations; an experiment, see above)")
     args = ap.parse_args()
     h, w = (int(v) for v in args.size.lower().split("x"))
 
@@ -60,7 +88,8 @@ def main() -> None:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, path, size=(h, w), input_dtype="float32")
         macs = conv_macs(path)
-        runner = _OpenVINORunner(path, args.threads, profiling=True)
+        compiled = blocked_ir(path, Path(tmp) / "model.xml") if args.blocked else path
+        runner = _OpenVINORunner(compiled, args.threads, profiling=True)
         x = np.random.default_rng(0).uniform(0, 255, (1, 3, h, w)).astype(np.float32)
         runner.infer(x)
         times = []
@@ -76,7 +105,8 @@ def main() -> None:
     for t, _, op, kernel in nodes:
         by_kind[op, kernel][0] += t
         by_kind[op, kernel][1] += 1
-    print(f"{args.model} at {h}x{w}, OpenVINO {ov.__version__}, {args.threads} threads: median {1e3 * np.median(times):.1f} ms "
+    layout = "blocked jit convolutions" if args.blocked else "default kernels"
+    print(f"{args.model} at {h}x{w}, OpenVINO {ov.__version__}, {layout}, {args.threads} threads: median {1e3 * np.median(times):.1f} ms "
           f"over {args.runs} runs; node times of the last run sum to {total:.1f} ms")
     print(f"{'op':<16}{'kernel':<26}{'ms':>8}{'share':>8}{'nodes':>7}")
     for (op, kernel), (t, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):

@@ -89,6 +89,18 @@ def test_float_input_and_another_normalisation_are_inside_the_graph(tiny, tmp_pa
     assert (got - ref).abs().max() < 1e-3 * max(1.0, ref.abs().max().item())
 
 
+def _benchmark_script(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class _Conv(torch.nn.Module):
     """A fully convolutional model of the zoo contract, with no size-dependent ops."""
 
@@ -275,15 +287,9 @@ def test_runner_reuses_its_output_buffer_but_calls_return_copies(tmp_path):
 
 def test_profile_probe_cuts_only_the_bn_relu_that_reads_a_concat(tmp_path):
     """benchmarks/profile_onnx.py --probe: the cost probe bypasses BN+ReLU after Concat, nothing else."""
-    import importlib.util
-    from pathlib import Path
-
     from onnx import TensorProto, helper, numpy_helper
 
-    spec = importlib.util.spec_from_file_location(
-        "profile_onnx", Path(__file__).resolve().parents[1] / "benchmarks" / "profile_onnx.py")
-    prof = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prof)
+    prof = _benchmark_script("profile_onnx")
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
              [("w", (4, 8, 1, 1)), ("w0", (4, 4, 1, 1))]]
@@ -310,13 +316,7 @@ def test_profile_probe_cuts_only_the_bn_relu_that_reads_a_concat(tmp_path):
 def test_profile_openvino_counts_conv_macs_and_reads_the_plugin_counters(tmp_path):
     """benchmarks/profile_openvino.py: MACs per Conv node from the graph; the runner's counters name those nodes."""
     pytest.importorskip("openvino")
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "profile_openvino", Path(__file__).resolve().parents[1] / "benchmarks" / "profile_openvino.py")
-    prof = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prof)
+    prof = _benchmark_script("profile_openvino")
     torch.manual_seed(0)
     deploy.export_onnx(_Conv().eval(), tmp_path / "c.onnx", size=(16, 24), input_dtype="float32")
     macs = prof.conv_macs(tmp_path / "c.onnx")
@@ -325,3 +325,35 @@ def test_profile_openvino_counts_conv_macs_and_reads_the_plugin_counters(tmp_pat
     r.infer(np.zeros((1, 3, 16, 24), np.float32))
     convs = [p.node_name for p in r.request.profiling_info if p.node_type == "Convolution"]
     assert convs == [f"{name}/WithoutBiases" for name in macs]  # the name the script strips
+
+
+class _ConcatNet(torch.nn.Module):
+    """Two convolutions whose outputs are concatenated and read by a third: a dense block in miniature."""
+
+    name, num_classes = "concat", 4
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b = torch.nn.Conv2d(16, 16, 1)
+        self.c = torch.nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.c(torch.cat([a, self.b(torch.relu(a))], 1))
+
+
+def test_profile_openvino_blocked_ir_asks_every_convolution_for_blocked_kernels(tmp_path):
+    """``--blocked``: the IR names the kernels on every Convolution, OpenVINO reads it, the logits stay."""
+    ov = pytest.importorskip("openvino")
+    prof = _benchmark_script("profile_openvino")
+    torch.manual_seed(0)
+    deploy.export_onnx(_ConcatNet().eval(), tmp_path / "c.onnx", size=(16, 24), input_dtype="float32")
+    ir = prof.blocked_ir(tmp_path / "c.onnx", tmp_path / "c.xml")
+    convs = [op for op in ov.Core().read_model(str(ir)).get_ordered_ops() if op.get_type_name() == "Convolution"]
+    assert len(convs) == 3
+    # the IR reader makes it the plugin's attribute (keyed with its version), not a string it would ignore
+    assert all(any(k.startswith("primitives_priority") for k in op.get_rt_info().keys()) for op in convs)
+    x = np.random.default_rng(0).uniform(0, 255, (1, 3, 16, 24)).astype(np.float32)
+    want = deploy._OpenVINORunner(tmp_path / "c.onnx", 1)(x)
+    np.testing.assert_allclose(deploy._OpenVINORunner(ir, 1)(x), want, rtol=1e-4, atol=1e-4)
