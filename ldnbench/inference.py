@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ldnbench.kernels import PANEL, ClampConvKernel, compile_kernel
 from ldnbench.models.layers import bn_scale_shift
 from ldnbench.runtime import autocast
 
@@ -48,13 +49,15 @@ def reuse_freed_memory() -> bool:
 
 def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, channels_last: bool = True,
                   fold_bn: bool = True, clamp_preactivations: bool = True, pool_first: bool = True,
-                  example_size: int = 128) -> nn.Module:
+                  fused_kernel: bool = True, example_size: int = 128) -> nn.Module:
     """An eval-only copy of ``model`` on ``device`` for fast inference: BatchNorms folded into the
     convolutions that feed them (:func:`fold_batchnorm`), BN→ReLU→1×1 triples into a clamp and that
     convolution (:func:`fold_preactivation`), average pools moved before the 1×1 convolutions they
     follow (:func:`pool_before_pointwise`), and channels-last weights (CPU and CUDA convolutions are
-    faster in that layout; ``clamp_preactivations=False`` keeps the triples). The original model is
-    left untouched."""
+    faster in that layout; ``clamp_preactivations=False`` keeps the triples). On a CPU with AVX-512,
+    ``fused_kernel`` runs each clamp with its 1×1 convolution in one pass (:func:`fuse_clamp_conv`) when
+    a C compiler can build the kernel. The original model is left untouched; ``model_notes(net)``
+    says what was done."""
     device = torch.device(device)
     net = _copy.deepcopy(model).to(device).eval()
     if fold_bn:
@@ -70,7 +73,23 @@ def prepare_model(model: nn.Module, device: str | torch.device = "cpu", *, chann
             net = _copy.deepcopy(model).to(device).eval()
     if pool_first:  # after the folds, which look for BN→ReLU→conv as neighbours
         net, _ = pool_before_pointwise(net)
-    return net.to(memory_format=torch.channels_last) if channels_last else net
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if fused_kernel and fold_bn and clamp_preactivations and device.type == "cpu":
+        kernel, how = compile_kernel()
+        if kernel is not None and not kernel.avx512:
+            kernel, how = None, f"not used: {how}, measured faster only with AVX-512"
+        fused = 0
+        if kernel is not None and next(_clamp_conv_pairs(net), None) is not None:
+            example = torch.randn(1, 3, example_size, example_size, generator=torch.Generator().manual_seed(0))
+            net, fused = fuse_clamp_conv(net, kernel, example)
+        net.ldnbench_notes = {"fused_clamp_conv": fused, "kernel": how}
+    return net
+
+
+def model_notes(net: nn.Module) -> dict:
+    """What :func:`prepare_model` did beyond folding (``{}`` for a model it did not prepare)."""
+    return dict(getattr(net, "ldnbench_notes", {}))
 
 
 def _forward(model: nn.Module, x: torch.Tensor, mapping, channels_last: bool, precision: str) -> torch.Tensor:
@@ -283,6 +302,77 @@ class ClampChannels(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clamp(x, self.lo, self.hi)
+
+
+class FusedClampConv(nn.Module):
+    """``clamp → 1×1 conv (→ ReLU)`` by :class:`~ldnbench.kernels.ClampConvKernel` in one pass over the
+    input; any input the kernel does not take (another layout or dtype, autograd, tracing) runs the
+    original ops."""
+
+    def __init__(self, clamp: ClampChannels, conv: nn.Conv2d, kernel: ClampConvKernel, relu: bool = False):
+        super().__init__()
+        self.clamp, self.conv, self.relu, self.kernel = clamp, conv, relu, kernel
+        self.register_buffer("lo", clamp.lo.detach().flatten().float().contiguous())
+        self.register_buffer("hi", clamp.hi.detach().flatten().float().contiguous())
+        self.register_buffer("packed", kernel.pack(conv.weight))
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.register_buffer("bias", bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.kernel.accepts(x) and not (torch.is_grad_enabled() and x.requires_grad)
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()):
+            return self.kernel(x, self.lo, self.hi, self.packed, self.bias, self.relu)
+        y = self.conv(self.clamp(x))
+        return F.relu(y) if self.relu else y
+
+
+def _clamp_conv_pairs(model: nn.Module):
+    """(parent, clamp name, conv name, ReLU name or None) of ClampChannels → Identity → 1×1 conv (stride 1,
+    no padding, a multiple of 64 outputs) registered one after another in a module, with the ReLU
+    that follows the conv after Identities only (a dense layer's folded ``norm2``, then ``relu2``)."""
+    for parent in model.modules():
+        kids = list(parent.named_children())
+        for i in range(len(kids) - 2):
+            (n0, clamp), (n1, ident), (n2, conv) = kids[i:i + 3]
+            if not (isinstance(clamp, ClampChannels) and isinstance(ident, nn.Identity)
+                    and isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                    and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+                    and conv.out_channels % PANEL == 0 and conv.padding_mode == "zeros"):
+                continue
+            j = i + 3
+            while j < len(kids) and isinstance(kids[j][1], nn.Identity):
+                j += 1
+            relu = kids[j][0] if j < len(kids) and isinstance(kids[j][1], nn.ReLU) else None
+            yield parent, n0, n2, relu
+
+
+def fuse_clamp_conv(model: nn.Module, kernel: ClampConvKernel, example: torch.Tensor,
+                    atol: float = 1e-3) -> tuple[nn.Module, int]:
+    """Replace every clamp → 1×1 conv (→ ReLU) of a folded model (:func:`fold_preactivation`) by one
+    :class:`FusedClampConv`; returns (model, number fused), or the model unchanged with a warning if
+    the outputs on ``example`` moved (e.g. a module whose forward does not run its children in the
+    order they were registered)."""
+    if next(_clamp_conv_pairs(model), None) is None:
+        return model, 0
+    fused = _copy.deepcopy(model).eval()
+    pairs = list(_clamp_conv_pairs(fused))
+    for parent, n_clamp, n_conv, n_relu in pairs:
+        clamp, conv = getattr(parent, n_clamp), getattr(parent, n_conv)
+        setattr(parent, n_conv, FusedClampConv(clamp, conv, kernel, relu=n_relu is not None))
+        setattr(parent, n_clamp, nn.Identity())
+        if n_relu is not None:
+            setattr(parent, n_relu, nn.Identity())
+    x = example.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast("fp32", x.device):
+        ref, got = model.eval()(x), fused(x)
+    ref, got = (ref["out"], got["out"]) if isinstance(ref, dict) else (ref, got)
+    err = (ref - got).abs().max().item()
+    if not err <= atol * max(1.0, ref.abs().max().item()):
+        warnings.warn(f"the fused clamp-conv kernel changed the output by {err:.3g}; kept the ops apart",
+                      RuntimeWarning, stacklevel=2)
+        return model, 0
+    return fused, len(pairs)
 
 
 def _plain_sequentials(model: nn.Module):

@@ -78,6 +78,7 @@ class DenseLayer(nn.Module):
             self.relu1 = nn.ReLU(inplace=True)  # a module, so eval-time folding can replace the triple
             self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
         self.norm2 = BatchNorm2d(mid)
+        self.relu2 = nn.ReLU(inplace=True)  # a module, so eval-time fusion can move it into the 1×1 before
         self.conv2 = nn.Conv2d(mid, growth, 3, padding=dilation, dilation=dilation, bias=False)
         self.has_bottleneck = bottleneck
 
@@ -88,7 +89,7 @@ class DenseLayer(nn.Module):
         return x
 
     def conv3x3(self, x: Tensor) -> Tensor:
-        return self.conv2(F.relu(self.norm2(x), inplace=True))
+        return self.conv2(self.relu2(self.norm2(x)))
 
     def unit(self, *features: Tensor) -> Tensor:
         return self.conv3x3(self.cat_1x1(*features))
