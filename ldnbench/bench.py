@@ -57,7 +57,7 @@ from torch import nn
 
 from ldnbench.errors import UserError
 from ldnbench.fileio import atomic_write_json
-from ldnbench.inference import pool_before_pointwise, prepare_model, reuse_freed_memory
+from ldnbench.inference import model_notes, pool_before_pointwise, prepare_model, reuse_freed_memory
 from ldnbench.models.checkpointing import POLICIES as _MODEL_POLICIES
 from ldnbench.models.peers import PEERS
 from ldnbench.runtime import autocast, check_precision, resolve_device
@@ -566,6 +566,9 @@ class SpeedRow:
     backend_version: str = ""
     #: GMAC the prepared/exported model really computes (average pools moved before 1x1 convs); gmac is the architecture's
     gmac_executed: float | None = None
+    #: clamp → 1x1 conv pairs the torch row runs in one pass (``inference.fuse_clamp_conv``), and how its kernel was built
+    fused_clamp_conv: int = 0
+    kernel: str = ""
 
     def json_row(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SPEED_JSON_KEYS}
@@ -688,6 +691,7 @@ class _Timed:
     gmac: float
     params: int
     folded_bn: int = 0
+    notes: dict = field(default_factory=dict)  # inference.model_notes of a torch row
     keep: Any = None  # what ``call`` needs alive (a DeployedModel and its export folder)
     gmac_executed: float = 0.0
 
@@ -707,7 +711,7 @@ def _timed(name: str, model: nn.Module, backend: str, cfg: SpeedConfig, device: 
         x = _input(cfg).to(device)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return _Timed(name, backend, lambda: net(x), gmac, params, folded, gmac_executed=executed)
+        return _Timed(name, backend, lambda: net(x), gmac, params, folded, model_notes(net), gmac_executed=executed)
     from ldnbench.deploy import DeployedModel, to_raw
 
     deployed = DeployedModel(model, backend, threads=cfg.threads, device=device)
@@ -725,6 +729,8 @@ def _timed_rows(timed: list[_Timed], cfg: SpeedConfig, device: str) -> list[Spee
     for t, (times, cpu) in zip(timed, measured):
         rows.append(_row(t.name, cfg, times, cpu, t.gmac, t.params))
         rows[-1].folded_bn, rows[-1].backend = t.folded_bn, t.backend
+        rows[-1].fused_clamp_conv = t.notes.get("fused_clamp_conv", 0)
+        rows[-1].kernel = t.notes.get("kernel", "")
         rows[-1].gmac_executed = round(t.gmac_executed, 3)
         rows[-1].backend_version = backend_version(t.backend)
     return rows
@@ -822,9 +828,14 @@ def format_speed_table(result: SpeedResult) -> str:
         lines.append(f"{r.model:<30} {r.backend:<12} {r.latency_ms_median:>10.1f} {r.latency_ms_iqr:>8.1f} {r.fps:>7.3f} "
                      f"{gm:>8} {gf:>8} {r.relative_latency:>8.2f} {r.cpu_ms_median or 0:>9.0f} {xc:>8}")
     cfg = result.config
+    fused = {r.model: r.fused_clamp_conv for r in result.rows if r.backend == "torch" and r.fused_clamp_conv}
+    kernel = next((r.kernel for r in result.rows if r.backend == "torch" and r.kernel), "")
+    fusion = (f"; clamp-1x1(-ReLU) in one pass by ldnbench's C kernel: "
+              f"{', '.join(f'{n} {k}x' for n, k in fused.items())}" if fused else
+              f"; clamp-1x1 not fused: {kernel}" if kernel else "")
     lines.append(f"input {cfg.batch_size}x3x{cfg.size[0]}x{cfg.size[1]}, {cfg.device}, "
                  f"{cfg.precision}, "
-                 f"{'BN folded into convs (torch: BN-ReLU-1x1 as clamp-1x1)' if cfg.fold_bn else 'BN not folded'}, "
+                 f"{f'BN folded into convs (torch: BN-ReLU-1x1 as clamp-1x1{fusion})' if cfg.fold_bn else 'BN not folded'}, "
                  f"average pools before the 1x1 convs they follow, "
                  f"{'freed memory reused' if result.heap_reuse else 'freed memory returned to the OS'}, "
                  f"{'channels-last' if cfg.channels_last else 'NCHW'}, {torch.get_num_threads()} threads; "

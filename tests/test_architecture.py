@@ -71,7 +71,7 @@ LAYERS = [
     ["models"],
     ["data"],
     ["checkpoints", "convert"],
-    ["metrics", "losses", "inference"],
+    ["metrics", "losses", "kernels", "inference"],
     ["report"],
     ["deploy"],
     ["evaluate", "score", "predict", "train", "launch"],
