@@ -305,13 +305,15 @@ class ClampChannels(nn.Module):
 
 
 class FusedClampConv(nn.Module):
-    """``clamp → 1×1 conv (→ ReLU)`` by :class:`~ldnbench.kernels.ClampConvKernel` in one pass over the
-    input; any input the kernel does not take (another layout or dtype, autograd, tracing) runs the
-    original ops."""
+    """``clamp → [2×2 average pool →] 1×1 conv (→ ReLU)`` by :class:`~ldnbench.kernels.ClampConvKernel` in
+    one pass over the input; any input the kernel does not take (another layout or dtype, autograd,
+    tracing) runs the original ops."""
 
-    def __init__(self, clamp: ClampChannels, conv: nn.Conv2d, kernel: ClampConvKernel, relu: bool = False):
+    def __init__(self, clamp: ClampChannels, conv: nn.Conv2d, kernel: ClampConvKernel, relu: bool = False,
+                 pool: nn.AvgPool2d | None = None):
         super().__init__()
-        self.clamp, self.conv, self.relu, self.kernel = clamp, conv, relu, kernel
+        self.clamp, self.pool, self.conv, self.relu, self.kernel = clamp, pool, conv, relu, kernel
+        self.stride = 1 if pool is None else 2
         self.register_buffer("lo", clamp.lo.detach().flatten().float().contiguous())
         self.register_buffer("hi", clamp.hi.detach().flatten().float().contiguous())
         self.register_buffer("packed", kernel.pack(conv.weight))
@@ -319,50 +321,66 @@ class FusedClampConv(nn.Module):
         self.register_buffer("bias", bias.detach().float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernel.accepts(x) and not (torch.is_grad_enabled() and x.requires_grad)
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing()):
-            return self.kernel(x, self.lo, self.hi, self.packed, self.bias, self.relu)
-        y = self.conv(self.clamp(x))
+        if (self.kernel.accepts(x) and min(x.shape[-2:]) >= self.stride
+                and not (torch.is_grad_enabled() and x.requires_grad) and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+            return self.kernel(x, self.lo, self.hi, self.packed, self.bias, self.relu, self.stride)
+        x = self.clamp(x)
+        y = self.conv(x if self.pool is None else self.pool(x))
         return F.relu(y) if self.relu else y
 
 
+def _is_fusable_conv(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
+            and m.dilation == (1, 1) and m.groups == 1 and m.out_channels % PANEL == 0 and m.padding_mode == "zeros")
+
+
+def _is_2x2_average(m: nn.Module) -> bool:
+    return (isinstance(m, nn.AvgPool2d) and _pair(m.kernel_size) == (2, 2) and _pair(m.stride) == (2, 2)
+            and _pair(m.padding) == (0, 0) and not m.ceil_mode and m.divisor_override is None)
+
+
 def _clamp_conv_pairs(model: nn.Module):
-    """(parent, clamp name, conv name, ReLU name or None) of ClampChannels → Identity → 1×1 conv (stride 1,
-    no padding, a multiple of 64 outputs) registered one after another in a module, with the ReLU
-    that follows the conv after Identities only (a dense layer's folded ``norm2``, then ``relu2``)."""
+    """(parent, clamp name, pool name or None, conv name, ReLU name or None) of ClampChannels → Identity →
+    [2×2 average pool →] 1×1 conv (stride 1, no padding, a multiple of 64 outputs) registered one after
+    another in a module, with the ReLU that follows the conv after Identities only (a dense layer's
+    folded ``norm2``, then ``relu2``)."""
     for parent in model.modules():
         kids = list(parent.named_children())
         for i in range(len(kids) - 2):
-            (n0, clamp), (n1, ident), (n2, conv) = kids[i:i + 3]
-            if not (isinstance(clamp, ClampChannels) and isinstance(ident, nn.Identity)
-                    and isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-                    and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
-                    and conv.out_channels % PANEL == 0 and conv.padding_mode == "zeros"):
+            (n0, clamp), (n1, ident) = kids[i:i + 2]
+            if not (isinstance(clamp, ClampChannels) and isinstance(ident, nn.Identity)):
                 continue
-            j = i + 3
+            j, pool = i + 2, None
+            if _is_2x2_average(kids[j][1]) and j + 1 < len(kids):
+                pool, j = kids[j][0], j + 1
+            if not _is_fusable_conv(kids[j][1]):
+                continue
+            conv, j = kids[j][0], j + 1
             while j < len(kids) and isinstance(kids[j][1], nn.Identity):
                 j += 1
             relu = kids[j][0] if j < len(kids) and isinstance(kids[j][1], nn.ReLU) else None
-            yield parent, n0, n2, relu
+            yield parent, n0, pool, conv, relu
 
 
 def fuse_clamp_conv(model: nn.Module, kernel: ClampConvKernel, example: torch.Tensor,
                     atol: float = 1e-3) -> tuple[nn.Module, int]:
-    """Replace every clamp → 1×1 conv (→ ReLU) of a folded model (:func:`fold_preactivation`) by one
-    :class:`FusedClampConv`; returns (model, number fused), or the model unchanged with a warning if
-    the outputs on ``example`` moved (e.g. a module whose forward does not run its children in the
-    order they were registered)."""
+    """Replace every clamp → [2×2 average pool →] 1×1 conv (→ ReLU) of a folded model
+    (:func:`fold_preactivation`, :func:`pool_before_pointwise`) by one :class:`FusedClampConv`; returns
+    (model, number fused), or the model unchanged with a warning if the outputs on ``example`` moved
+    (e.g. a module whose forward does not run its children in the order they were registered)."""
     if next(_clamp_conv_pairs(model), None) is None:
         return model, 0
     fused = _copy.deepcopy(model).eval()
     pairs = list(_clamp_conv_pairs(fused))
-    for parent, n_clamp, n_conv, n_relu in pairs:
-        clamp, conv = getattr(parent, n_clamp), getattr(parent, n_conv)
-        setattr(parent, n_conv, FusedClampConv(clamp, conv, kernel, relu=n_relu is not None))
-        setattr(parent, n_clamp, nn.Identity())
-        if n_relu is not None:
-            setattr(parent, n_relu, nn.Identity())
+    for parent, n_clamp, n_pool, n_conv, n_relu in pairs:
+        pool = getattr(parent, n_pool) if n_pool is not None else None
+        module = FusedClampConv(getattr(parent, n_clamp), getattr(parent, n_conv), kernel,
+                                relu=n_relu is not None, pool=pool)
+        setattr(parent, n_conv, module)
+        for name in (n_clamp, n_pool, n_relu):
+            if name is not None:
+                setattr(parent, name, nn.Identity())
     x = example.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast("fp32", x.device):
         ref, got = model.eval()(x), fused(x)

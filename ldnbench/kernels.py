@@ -51,6 +51,11 @@ int ldn_has_avx512(void) {
 }
 
 static inline v16 ld(const float *p) { return *(const v16u *)p; }
+static inline float clampf(float v, float lo, float hi) { v = v < lo ? lo : v; return v > hi ? hi : v; }
+
+/* the input's geometry: h x w pixels per image; pool = 1: output pixel m reads input pixel m; pool = 2:
+   a 2x2 average pool (floor mode) comes between the clamp and the convolution, ho x wo output pixels */
+typedef struct { int64_t h, w, ho, wo; int pool; } geom_t;
 static inline void st(float *p, v16 v) { *(v16u *)p = v; }
 
 /* C[r, 0:64] = bias + sum_k A[r, k] * B[k, 0:64] for r < rows (A has MR readable rows); prefetches
@@ -79,26 +84,31 @@ static void tile(const float *A, int lda, const float *B, int K, float *C, int l
 }
 
 /* rows [m0, m1) of the output, in blocks of MB; returns 0, or -1 when out of memory */
-static int rows_range(const float *x, int64_t rs, int64_t m0, int64_t m1, int K, int N, const float *lo,
-                      const float *hi, const float *bp, const float *bias, float *out, int relu) {
+static int rows_range(const float *x, int64_t rs, const geom_t *g, int64_t m0, int64_t m1, int K, int N,
+                      const float *lo, const float *hi, const float *bp, const float *bias, float *out, int relu) {
   float *Ap = aligned_alloc(64, (size_t)MB * K * sizeof(float) + 64);
   if (!Ap) return -1;
   int tiles_per_panel = (MB + MR - 1) / MR;
   for (int64_t mc = m0; mc < m1; mc += MB) {
     int mb = (int)(m1 - mc < MB ? m1 - mc : MB);
     for (int r = 0; r < mb; r++) {
-      const float *src = x + (mc + r) * rs;
       float *dst = Ap + (int64_t)r * K;
-      for (int k = 0; k < K; k++) {
-        float v = src[k];
-        v = v < lo[k] ? lo[k] : v;
-        dst[k] = v > hi[k] ? hi[k] : v;
+      if (!g->pool) {
+        const float *src = x + (mc + r) * rs;
+        for (int k = 0; k < K; k++) dst[k] = clampf(src[k], lo[k], hi[k]);
+        continue;
       }
+      /* a 2x2 average pool of the clamped input: output pixel (n, i, j) reads input rows 2i, 2i+1, columns 2j, 2j+1 */
+      int64_t m = mc + r, per_image = g->ho * g->wo, n = m / per_image, i = (m % per_image) / g->wo, j = m % g->wo;
+      const float *p0 = x + ((n * g->h + 2 * i) * g->w + 2 * j) * rs, *p1 = p0 + rs, *p2 = p0 + g->w * rs, *p3 = p2 + rs;
+      for (int k = 0; k < K; k++)
+        dst[k] = (((clampf(p0[k], lo[k], hi[k]) + clampf(p1[k], lo[k], hi[k])) + clampf(p2[k], lo[k], hi[k]))
+                  + clampf(p3[k], lo[k], hi[k])) * 0.25f;
     }
     int padded = ((mb + MR - 1) / MR) * MR;
     if (padded > mb) memset(Ap + (int64_t)mb * K, 0, (size_t)(padded - mb) * K * sizeof(float));
     int64_t nxt = mc + MB, first = 0, lines = 0, per = 0;
-    if (nxt < m1) {
+    if (nxt < m1 && !g->pool) {  /* pooled rows are not contiguous: left to the hardware prefetcher */
       int64_t end = nxt + MB < m1 ? nxt + MB : m1;
       first = nxt * rs * 4;
       lines = ((end - 1) * rs * 4 + (int64_t)K * 4 - first + 63) / 64;
@@ -123,11 +133,15 @@ static int rows_range(const float *x, int64_t rs, int64_t m0, int64_t m1, int K,
   return 0;
 }
 
-/* out[m, n] = relu?(bias[n] + sum_k clamp(x[m * rs + k], lo[k], hi[k]) * W[n, k]) for m < M, n < N;
-   bp holds W as N / NR panels of K x NR. Returns 0, or -1 for bad arguments or no memory. */
-int ldn_clamp_conv1x1(const float *x, int64_t M, int64_t rs, int K, int N, const float *lo, const float *hi,
-                      const float *bp, const float *bias, float *out, int relu, int threads) {
-  if (N % NR || K < 1 || M < 1 || threads < 1) return -1;
+/* out[m, n] = relu?(bias[n] + sum_k clamp(x[m * rs + k], lo[k], hi[k]) * W[n, k]) for the n_img x h x w input
+   pixels m (pool = 2: for the 2x2-average-pooled clamped input); bp holds W as N / NR panels of K x NR.
+   Returns 0, or -1 for bad arguments or no memory. */
+int ldn_clamp_conv1x1(const float *x, int64_t n_img, int64_t h, int64_t w, int64_t rs, int pool, int K, int N,
+                      const float *lo, const float *hi, const float *bp, const float *bias, float *out, int relu,
+                      int threads) {
+  geom_t g = {h, w, pool == 2 ? h / 2 : h, pool == 2 ? w / 2 : w, pool == 2};
+  int64_t M = n_img * g.ho * g.wo;
+  if (N % NR || K < 1 || M < 1 || threads < 1 || (pool != 1 && pool != 2)) return -1;
   int64_t blocks = (M + MB - 1) / MB;
   if (threads > blocks) threads = (int)blocks;
   int failed = 0;
@@ -136,7 +150,7 @@ int ldn_clamp_conv1x1(const float *x, int64_t M, int64_t rs, int K, int N, const
     int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
     int64_t m1 = b1 * MB < M ? b1 * MB : M;
-    if (b0 * MB < m1) failed |= rows_range(x, rs, b0 * MB, m1, K, N, lo, hi, bp, bias, out, relu) != 0;
+    if (b0 * MB < m1) failed |= rows_range(x, rs, &g, b0 * MB, m1, K, N, lo, hi, bp, bias, out, relu) != 0;
   }
   return failed ? -1 : 0;
 }
@@ -155,7 +169,7 @@ class ClampConvKernel:
 
     def __post_init__(self):
         f = self.lib.ldn_clamp_conv1x1
-        f.argtypes = [_PTR, _I64, _I64, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT]
+        f.argtypes = [_PTR, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT]
         f.restype = _INT
 
     def __deepcopy__(self, memo):  # a loaded library is shared, never copied
@@ -180,14 +194,16 @@ class ClampConvKernel:
         return x.stride(1) == 1 and (h == 1 or x.stride(2) == w * rs) and (n == 1 or x.stride(0) == h * w * rs)
 
     def __call__(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: torch.Tensor,
-                 bias: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        """``relu?(conv1x1(clamp(x, lo, hi)))`` as a channels-last tensor; ``x`` must pass :meth:`accepts`."""
+                 bias: torch.Tensor, relu: bool = False, pool: int = 1) -> torch.Tensor:
+        """``relu?(conv1x1(clamp(x, lo, hi)))`` as a channels-last tensor, with ``pool=2`` a 2×2 average
+        pool (floor mode) of the clamped input before the conv; ``x`` must pass :meth:`accepts`."""
         n, k, h, w = x.shape
         out_channels = packed.shape[0] * PANEL
-        if not self.accepts(x) or packed.shape[1] != k or lo.numel() != k or hi.numel() != k:
+        if (not self.accepts(x) or packed.shape[1] != k or lo.numel() != k or hi.numel() != k or pool not in (1, 2)
+                or h < pool or w < pool):
             raise ValueError(f"clamp-conv kernel: unsupported input {tuple(x.shape)} / strides {x.stride()}")
-        out = torch.empty(n, out_channels, h, w, memory_format=torch.channels_last)
-        ret = self.lib.ldn_clamp_conv1x1(x.data_ptr(), n * h * w, x.stride(3), k, out_channels, lo.data_ptr(),
+        out = torch.empty(n, out_channels, h // pool, w // pool, memory_format=torch.channels_last)
+        ret = self.lib.ldn_clamp_conv1x1(x.data_ptr(), n, h, w, x.stride(3), pool, k, out_channels, lo.data_ptr(),
                                          hi.data_ptr(), packed.data_ptr(), bias.data_ptr(), out.data_ptr(),
                                          int(relu), torch.get_num_threads())
         if ret != 0:

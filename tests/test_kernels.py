@@ -32,21 +32,24 @@ def _bounds(k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(sign, t, -inf), torch.where(sign, inf, t)
 
 
-@pytest.mark.parametrize("n,c,k,h,w,out,relu", [
-    (1, 96, 37, 7, 5, 64, False),     # odd K, 35 rows: neither a multiple of the 6-row tile nor of the 48-row block
-    (2, 160, 160, 9, 11, 128, True),  # batch 2, the whole tensor (no prefix), ReLU
-    (1, 300, 257, 16, 13, 192, True),  # 208 rows over several blocks, three weight panels
+@pytest.mark.parametrize("n,c,k,h,w,out,relu,pool", [
+    (1, 96, 37, 7, 5, 64, False, 1),     # odd K, 35 rows: neither a multiple of the 6-row tile nor of the 48-row block
+    (2, 160, 160, 9, 11, 128, True, 1),  # batch 2, the whole tensor (no prefix), ReLU
+    (1, 300, 257, 16, 13, 192, True, 1),  # 208 rows over several blocks, three weight panels
+    (2, 64, 64, 9, 15, 64, False, 2),    # a transition: 2x2 average pool between clamp and conv, odd sizes (floor)
+    (1, 200, 130, 20, 26, 128, True, 2),  # pooled rows over several blocks, of a channel prefix
 ])
-def test_kernel_matches_clamp_then_conv(kernel, n, c, k, h, w, out, relu):
+def test_kernel_matches_clamp_then_conv(kernel, n, c, k, h, w, out, relu, pool):
     g = torch.Generator().manual_seed(k)
     buf = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=CL)
     x = buf[:, :k]  # a channel prefix of a channels-last block buffer, as a dense layer reads it
     lo, hi = _bounds(k, g)
     weight = torch.randn(out, k, 1, 1, generator=g) / k ** 0.5
     bias = torch.randn(out, generator=g)
-    ref = F.conv2d(torch.clamp(x, lo.view(1, -1, 1, 1), hi.view(1, -1, 1, 1)), weight, bias)
+    clamped = torch.clamp(x, lo.view(1, -1, 1, 1), hi.view(1, -1, 1, 1))
+    ref = F.conv2d(F.avg_pool2d(clamped, 2) if pool == 2 else clamped, weight, bias)
     ref = F.relu(ref) if relu else ref
-    got = kernel(x, lo, hi, kernel.pack(weight), bias, relu)
+    got = kernel(x, lo, hi, kernel.pack(weight), bias, relu, pool)
     assert got.shape == ref.shape and got.is_contiguous(memory_format=CL)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     if relu:
@@ -71,17 +74,18 @@ def test_a_compiler_that_fails_gives_a_reason_not_an_exception():
     assert k is None and "could not build the kernel" in why
 
 
-def _module(kernel: ClampConvKernel, relu: bool) -> FusedClampConv:
+def _module(kernel: ClampConvKernel, relu: bool, pool: nn.AvgPool2d | None = None) -> FusedClampConv:
     g = torch.Generator().manual_seed(1)
     lo, hi = _bounds(24, g)
     conv = nn.Conv2d(24, 64, 1)
-    return FusedClampConv(ClampChannels(lo, hi), conv, kernel, relu=relu).eval()
+    return FusedClampConv(ClampChannels(lo, hi), conv, kernel, relu=relu, pool=pool).eval()
 
 
-def test_fused_module_falls_back_where_the_kernel_does_not_apply(kernel):
-    m = _module(kernel, relu=True)
+@pytest.mark.parametrize("pooled", [False, True])
+def test_fused_module_falls_back_where_the_kernel_does_not_apply(kernel, pooled):
+    m = _module(kernel, relu=True, pool=nn.AvgPool2d(2) if pooled else None)
     x = torch.randn(2, 24, 5, 6)
-    ref = F.relu(m.conv(m.clamp(x)))
+    ref = F.relu(m.conv(m.pool(m.clamp(x)) if pooled else m.clamp(x)))
     with torch.inference_mode():
         torch.testing.assert_close(m(x), ref.detach(), rtol=1e-4, atol=1e-4)  # NCHW: the original ops
         torch.testing.assert_close(m(x.contiguous(memory_format=CL)), ref.detach(), rtol=1e-4, atol=1e-4)
@@ -107,10 +111,11 @@ def test_fuse_clamp_conv_fuses_every_ldn_pair_and_keeps_the_logits(kernel):
     plain = prepare_model(_ldn(), fused_kernel=False)
     example = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(3))
     fused, count = fuse_clamp_conv(plain, kernel, example)
-    # 54 dense-layer bottlenecks (their ReLU moved in too), 3 transitions' none (pooled first: not adjacent),
+    # 54 dense-layer bottlenecks (their ReLU moved in too), 3 transitions (their average pool moved in too),
     # the ladder's and SPP's 1x1s with 64k outputs
     assert count == sum(isinstance(m, FusedClampConv) for m in fused.modules()) and count >= 54
     assert sum(isinstance(m, FusedClampConv) and m.relu for m in fused.modules()) == 54
+    assert sum(isinstance(m, FusedClampConv) and m.pool is not None for m in fused.modules()) == 3  # transitions
     assert not any(isinstance(m, FusedClampConv) for m in plain.modules())  # the input model is untouched
     x = torch.randn(1, 3, 128, 192, generator=torch.Generator().manual_seed(4)).contiguous(memory_format=CL)
     with torch.inference_mode():
