@@ -7,6 +7,23 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
+def benchmark_script():
+    """``benchmark_script(name)``: ``benchmarks/<name>.py`` imported as a module (the scripts are not
+    part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
 def cli_runner():
     from click.testing import CliRunner
 

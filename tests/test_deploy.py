@@ -89,18 +89,6 @@ def test_float_input_and_another_normalisation_are_inside_the_graph(tiny, tmp_pa
     assert (got - ref).abs().max() < 1e-3 * max(1.0, ref.abs().max().item())
 
 
-def _benchmark_script(name: str):
-    """``benchmarks/<name>.py`` imported as a module (the scripts are not part of the package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _Conv(torch.nn.Module):
     """A fully convolutional model of the zoo contract, with no size-dependent ops."""
 
@@ -285,11 +273,11 @@ def test_runner_reuses_its_output_buffer_but_calls_return_copies(tmp_path):
     np.testing.assert_allclose(r.infer(a), ya, rtol=0, atol=0)
 
 
-def test_profile_probe_cuts_only_the_bn_relu_that_reads_a_concat(tmp_path):
+def test_profile_probe_cuts_only_the_bn_relu_that_reads_a_concat(tmp_path, benchmark_script):
     """benchmarks/profile_onnx.py --probe: the cost probe bypasses BN+ReLU after Concat, nothing else."""
     from onnx import TensorProto, helper, numpy_helper
 
-    prof = _benchmark_script("profile_onnx")
+    prof = benchmark_script("profile_onnx")
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
              [("w", (4, 8, 1, 1)), ("w0", (4, 4, 1, 1))]]
@@ -313,10 +301,10 @@ def test_profile_probe_cuts_only_the_bn_relu_that_reads_a_concat(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_profile_openvino_counts_conv_macs_and_reads_the_plugin_counters(tmp_path):
+def test_profile_openvino_counts_conv_macs_and_reads_the_plugin_counters(tmp_path, benchmark_script):
     """benchmarks/profile_openvino.py: MACs per Conv node from the graph; the runner's counters name those nodes."""
     pytest.importorskip("openvino")
-    prof = _benchmark_script("profile_openvino")
+    prof = benchmark_script("profile_openvino")
     torch.manual_seed(0)
     deploy.export_onnx(_Conv().eval(), tmp_path / "c.onnx", size=(16, 24), input_dtype="float32")
     macs = prof.conv_macs(tmp_path / "c.onnx")
@@ -343,10 +331,10 @@ class _ConcatNet(torch.nn.Module):
         return self.c(torch.cat([a, self.b(torch.relu(a))], 1))
 
 
-def test_profile_openvino_blocked_ir_asks_every_convolution_for_blocked_kernels(tmp_path):
+def test_profile_openvino_blocked_ir_asks_every_convolution_for_blocked_kernels(tmp_path, benchmark_script):
     """``--blocked``: the IR names the kernels on every Convolution, OpenVINO reads it, the logits stay."""
     ov = pytest.importorskip("openvino")
-    prof = _benchmark_script("profile_openvino")
+    prof = benchmark_script("profile_openvino")
     torch.manual_seed(0)
     deploy.export_onnx(_ConcatNet().eval(), tmp_path / "c.onnx", size=(16, 24), input_dtype="float32")
     ir = prof.blocked_ir(tmp_path / "c.onnx", tmp_path / "c.xml")

@@ -154,3 +154,10 @@ def test_prepare_model_uses_the_kernel_only_where_it_was_measured_faster(kernel)
     with torch.inference_mode():
         ref, got = plain(x), net(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3 * ref.abs().max().item())
+
+
+def test_benchmark_script_runs_and_prints_both_ratios(kernel, capsys, benchmark_script):
+    assert benchmark_script("bench_fused_kernel").main(["--size", "64x128", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fused/unfused" in out and out.count("fused/unfused") == 2 and "max |dlogit|" in out
+    assert "'fused_clamp_conv': " in out
