@@ -322,7 +322,8 @@ class FusedClampConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.kernel.accepts(x) and min(x.shape[-2:]) >= self.stride
-                and not (torch.is_grad_enabled() and x.requires_grad) and not torch.is_autocast_enabled("cpu")
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad))
+                and not torch.is_autocast_enabled("cpu")
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             return self.kernel(x, self.lo, self.hi, self.packed, self.bias, self.relu, self.stride)
         x = self.clamp(x)

@@ -89,6 +89,7 @@ def test_fused_module_falls_back_where_the_kernel_does_not_apply(kernel, pooled)
     with torch.inference_mode():
         torch.testing.assert_close(m(x), ref.detach(), rtol=1e-4, atol=1e-4)  # NCHW: the original ops
         torch.testing.assert_close(m(x.contiguous(memory_format=CL)), ref.detach(), rtol=1e-4, atol=1e-4)
+    assert m(x.contiguous(memory_format=CL)).requires_grad  # grad mode, trainable weights: the original ops
     xg = x.contiguous(memory_format=CL).requires_grad_()
     m(xg).sum().backward()  # with autograd: the original ops, so gradients flow
     assert xg.grad is not None and xg.grad.abs().sum() > 0
