@@ -531,6 +531,8 @@ class SpeedConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     #: Fold every BatchNorm that only reads a convolution's output into that convolution (all models).
     fold_bn: bool = True
+    #: torch rows on a CPU with AVX-512: run clamp → 1×1 conv pairs by the fused kernel (``inference.prepare_model``)
+    fused_kernel: bool = True
     #: Keep freed large blocks in the heap (``ldnbench.inference.reuse_freed_memory``, process-wide).
     heap_reuse: bool = True
     threads: int | None = None
@@ -654,7 +656,8 @@ def _quantile(xs: list[float], q: float) -> float:
 
 def _prepare(model: nn.Module, cfg: SpeedConfig, device: str) -> tuple[nn.Module, int]:
     """The model as ``eval`` runs it (:func:`~ldnbench.inference.prepare_model`) and how many BNs were folded."""
-    net = prepare_model(model, device, channels_last=cfg.channels_last, fold_bn=cfg.fold_bn)
+    net = prepare_model(model, device, channels_last=cfg.channels_last, fold_bn=cfg.fold_bn,
+                        fused_kernel=cfg.fused_kernel)
     bns = lambda m: sum(isinstance(x, nn.BatchNorm2d) for x in m.modules())  # noqa: E731
     return net, bns(model) - bns(net)
 

@@ -698,6 +698,8 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
                    "tv-deeplabv3-resnet50,tv-fcn-resnet50,tv-lraspp-mobilenet-v3-large (random weights).")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold BatchNorms that read only a conv's output into that conv (every timed model).")
+@click.option("--fused-kernel/--no-fused-kernel", default=True, show_default=True,
+              help="torch rows on an AVX-512 CPU: clamp -> 1x1 conv pairs in one pass by ldnbench's C kernel.")
 @_heap_reuse_option
 @click.option("--runs", type=int, default=5, show_default=True, help="Timed forwards per model.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed forwards first per model.")
@@ -710,8 +712,8 @@ def bench_memory_cmd(model, down, up, crop, batch_size, policies, device, steps,
 @click.option("--interleave/--sequential", default=True, show_default=True,
               help="Time all models x backends in alternating rounds (all in memory; drift of a shared machine "
                    "hits every row alike), or one after the other (one model in memory at a time).")
-def bench_speed_cmd(model, checkpoint, size, batch_size, device, precision, channels_last, compare, fold_bn, heap_reuse,
-                    runs, warmup, num_classes, threads, json_out, out, backends, interleave):
+def bench_speed_cmd(model, checkpoint, size, batch_size, device, precision, channels_last, compare, fold_bn,
+                    fused_kernel, heap_reuse, runs, warmup, num_classes, threads, json_out, out, backends, interleave):
     """Inference latency (median, IQR), FPS and GFLOP/s, beside torchvision models."""
     from ldnbench import bench as B
 
@@ -720,7 +722,8 @@ def bench_speed_cmd(model, checkpoint, size, batch_size, device, precision, chan
     names = tuple(B.resolve_compare(compare))  # first: a typo must fail before anything is built
     cfg = B.SpeedConfig(model=B.resolve_bench_model(model), num_classes=num_classes, size=B.parse_size(size),
                         batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
-                        compare=names, fold_bn=fold_bn, heap_reuse=heap_reuse, runs=runs, warmup=warmup,
+                        compare=names, fold_bn=fold_bn, fused_kernel=fused_kernel, heap_reuse=heap_reuse, runs=runs,
+                        warmup=warmup,
                         threads=threads, checkpoint=checkpoint, backends=tuple(resolve_backends(backends)),
                         interleave=interleave)
     result = B.bench_speed(cfg, progress=lambda m: click.echo(m, err=True))

@@ -133,6 +133,18 @@ def test_speed_rows_and_json_schema(cli_runner, tmp_path):
     ldn, peer = rec["rows"]  # LDN's transitions pool before their 1x1 convs; the peer has nothing to move
     assert ldn["gmac_executed"] < ldn["gmac"] and peer["gmac_executed"] == peer["gmac"]
     assert "on the MACs computed it reaches" in r.output
+    # the fused kernel: used on AVX-512 builds (and then named in the header), never the peer's (no clamps)
+    assert peer["fused_clamp_conv"] == 0 and (ldn["fused_clamp_conv"] > 0) == ("C kernel: ldn121-64to4 71x" in r.output)
+
+
+def test_speed_no_fused_kernel_runs_the_unfused_ops(cli_runner, tmp_path):
+    rec_path = tmp_path / "rec.json"
+    r = cli_runner.invoke(main, ["bench", "speed", "--model", "ldn121", "--size", "64x96", "--runs", "1",
+                                 "--threads", "1", "--no-fused-kernel", "--out", str(rec_path)])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(rec_path.read_text())
+    assert rec["rows"][0]["fused_clamp_conv"] == 0 and rec["rows"][0]["kernel"] == ""
+    assert rec["config"]["fused_kernel"] is False and "C kernel" not in r.output
 
 
 
