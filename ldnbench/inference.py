@@ -321,7 +321,8 @@ class FusedClampConv(nn.Module):
         self.register_buffer("bias", bias.detach().float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernel.accepts(x) and min(x.shape[-2:]) >= self.stride
+        if (self.kernel.accepts(x) and min(x.shape[-2:]) >= self.stride and self.packed.dtype == torch.float32
+                and self.packed.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad))
                 and not torch.is_autocast_enabled("cpu")
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):

@@ -191,7 +191,8 @@ class ClampConvKernel:
             return False
         n, _, h, w = x.shape
         rs = x.stride(3)
-        return x.stride(1) == 1 and (h == 1 or x.stride(2) == w * rs) and (n == 1 or x.stride(0) == h * w * rs)
+        return (x.stride(1) == 1 and rs >= x.shape[1] and (h == 1 or x.stride(2) == w * rs)
+                and (n == 1 or x.stride(0) == h * w * rs))
 
     def __call__(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: torch.Tensor,
                  bias: torch.Tensor, relu: bool = False, pool: int = 1) -> torch.Tensor:
@@ -202,6 +203,9 @@ class ClampConvKernel:
         if (not self.accepts(x) or packed.shape[1] != k or lo.numel() != k or hi.numel() != k or pool not in (1, 2)
                 or h < pool or w < pool):
             raise ValueError(f"clamp-conv kernel: unsupported input {tuple(x.shape)} / strides {x.stride()}")
+        if bias.numel() != out_channels or not all(t.dtype == torch.float32 and t.device.type == "cpu"
+                                                   and t.is_contiguous() for t in (lo, hi, packed, bias)):
+            raise ValueError("clamp-conv kernel: bounds, packed weights and bias must be contiguous float32 CPU tensors")
         out = torch.empty(n, out_channels, h // pool, w // pool, memory_format=torch.channels_last)
         ret = self.lib.ldn_clamp_conv1x1(x.data_ptr(), n, h, w, x.stride(3), pool, k, out_channels, lo.data_ptr(),
                                          hi.data_ptr(), packed.data_ptr(), bias.data_ptr(), out.data_ptr(),

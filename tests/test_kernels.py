@@ -67,6 +67,11 @@ def test_kernel_accepts_only_pixel_rows_and_packs_only_panels(kernel):
         kernel.pack(torch.randn(19, 8, 1, 1))
     with pytest.raises(ValueError, match="unsupported input"):
         kernel(x, torch.zeros(8), torch.ones(8), kernel.pack(torch.randn(64, 8, 1, 1)), torch.zeros(64))
+    xc = x.contiguous(memory_format=CL)
+    with pytest.raises(ValueError, match="float32 CPU"):  # never reads memory of another type or size
+        kernel(xc, torch.zeros(8).double(), torch.ones(8), kernel.pack(torch.randn(64, 8, 1, 1)), torch.zeros(64))
+    with pytest.raises(ValueError, match="float32 CPU"):
+        kernel(xc, torch.zeros(8), torch.ones(8), kernel.pack(torch.randn(64, 8, 1, 1)), torch.zeros(19))
 
 
 def test_a_compiler_that_fails_gives_a_reason_not_an_exception():
@@ -94,6 +99,11 @@ def test_fused_module_falls_back_where_the_kernel_does_not_apply(kernel, pooled)
     m(xg).sum().backward()  # with autograd: the original ops, so gradients flow
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     assert copy.deepcopy(m).kernel is m.kernel  # a prepared model can be copied; the library is shared
+    m64 = copy.deepcopy(m).double()  # buffers of another type: the original ops, never the kernel
+    with torch.inference_mode():
+        torch.testing.assert_close(m64(x.double().contiguous(memory_format=CL)), ref.detach().double(),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m64.float()(x.contiguous(memory_format=CL)), ref.detach(), rtol=1e-4, atol=1e-4)
 
 
 def _ldn(seed: int = 0) -> nn.Module:
