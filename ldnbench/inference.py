@@ -383,16 +383,22 @@ def fuse_clamp_conv(model: nn.Module, kernel: ClampConvKernel, example: torch.Te
         for name in (n_clamp, n_pool, n_relu):
             if name is not None:
                 setattr(parent, name, nn.Identity())
-    x = example.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast("fp32", x.device):
-        ref, got = model.eval()(x), fused(x)
-    ref, got = (ref["out"], got["out"]) if isinstance(ref, dict) else (ref, got)
-    err = (ref - got).abs().max().item()
-    if not err <= atol * max(1.0, ref.abs().max().item()):
+    err = _output_change(model, fused, example.contiguous(memory_format=torch.channels_last), atol)
+    if err is not None:
         warnings.warn(f"the fused clamp-conv kernel changed the output by {err:.3g}; kept the ops apart",
                       RuntimeWarning, stacklevel=2)
         return model, 0
     return fused, len(pairs)
+
+
+def _output_change(model: nn.Module, candidate: nn.Module, example: torch.Tensor, atol: float) -> float | None:
+    """The largest output difference of ``candidate`` against ``model`` (put in eval mode) on ``example``
+    in float32, or None when it is within ``atol`` of the output's scale."""
+    with torch.inference_mode(), autocast("fp32", example.device):
+        ref, got = model.eval()(example), candidate(example)
+    ref, got = (ref["out"], got["out"]) if isinstance(ref, dict) else (ref, got)
+    err = (ref - got).abs().max().item()
+    return None if err <= atol * max(1.0, ref.abs().max().item()) else err
 
 
 def _plain_sequentials(model: nn.Module):
@@ -479,11 +485,8 @@ def fold_preactivation(model: nn.Module, example: torch.Tensor, atol: float = 1e
         setattr(parent, n_bn, ClampChannels(lo, hi))
         setattr(parent, n_relu, nn.Identity())
         count += 1
-    with torch.inference_mode(), autocast("fp32", example.device):
-        ref, got = model.eval()(example), folded(example)
-    ref, got = (ref["out"], got["out"]) if isinstance(ref, dict) else (ref, got)
-    err = (ref - got).abs().max().item()
-    if not err <= atol * max(1.0, ref.abs().max().item()):
+    err = _output_change(model, folded, example, atol)
+    if err is not None:
         warnings.warn(f"folding BN-ReLU into 1x1 convolutions changed the output by {err:.3g}; kept them apart",
                       RuntimeWarning, stacklevel=2)
         return model, 0

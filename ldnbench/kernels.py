@@ -17,7 +17,6 @@ it runs on torch's own thread pool. No compiler, or a failed build: :func:`compi
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import shutil
 import subprocess
 import tempfile
@@ -225,10 +224,9 @@ def compile_kernel(compiler: str | None = None) -> tuple[ClampConvKernel | None,
     cc = compiler or _compiler()
     if cc is None:
         return None, "no C compiler (cc/gcc/clang) on PATH"
-    torch.get_num_threads()  # make sure torch, and with it its OpenMP runtime, is loaded first
     with tempfile.TemporaryDirectory(prefix="ldnbench-kernel-") as tmp:
         src = Path(tmp) / "clamp_conv.c"
-        lib = Path(tmp) / f"clamp_conv_{hashlib.sha1(_SOURCE.encode()).hexdigest()[:10]}.so"
+        lib = Path(tmp) / "clamp_conv.so"
         src.write_text(_SOURCE)
         cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(lib), str(src)]
         try:
